@@ -1,0 +1,163 @@
+"""
+Attention and cache kernels over the paged KV cache.
+
+Every operation has three parts side by side:
+  - `<op>_ref(...)`: plain torch, the specification; it is the CPU engine and the test oracle;
+  - a Triton kernel and its launcher (added behind the same signatures for CUDA);
+  - `<op>(...)`: the public function the model calls; it dispatches on the tensors' device.
+
+This file deliberately holds no model, no cache bookkeeping and no module state: it takes
+tensors and an `AttnMeta` and returns tensors. The cache layout it reads, per layer, is
+    k_cache, v_cache: (N, P, K, D)   N blocks of P slots, K KV heads, head dim D
+and a token at slot s lives at k_cache.view(N * P, K, D)[s], s = block_id * P + offset.
+
+Shapes (the alphabet of model.py): B sequences, T new tokens (packed, all sequences),
+S context length, H query heads, K KV heads, G = H // K query heads per KV head, D head dim,
+N blocks, P block size.
+
+Tests: `pytest test_kernels.py`.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+
+# Set ENGINE_FORCE_REF=1 to force the torch reference on a GPU (for bisecting a kernel).
+FORCE_REF = os.environ.get("ENGINE_FORCE_REF", "0") == "1"
+
+
+@dataclass(frozen=True)
+class AttnMeta:
+    """What attention needs to know about one packed ragged batch. Built by the runner, passed
+    as an argument (never through a global). Sequence b owns the new tokens
+    query_start[b]:query_start[b+1] of the packed batch; its context (cached prefix plus the new
+    tokens) is context_lens[b] tokens long, stored in the blocks block_tables[b, :]."""
+    slot_mapping: torch.Tensor  # (T,) int64: cache slot of every new token
+    block_tables: torch.Tensor  # (B, max_blocks) int32/int64: physical block ids, padded with 0
+    context_lens: torch.Tensor  # (B,) int64: tokens in the cache after this step's writes
+    query_start: torch.Tensor   # (B+1,) int64: prefix sums of the new-token counts
+    # host copies, so that the reference path can slice without syncing a device
+    context_lens_host: tuple = ()
+    query_start_host: tuple = ()
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence has exactly one new token (the decode fast path applies)."""
+        qs = self.query_start_host
+        return len(qs) - 1 == qs[-1]
+
+    @property
+    def last_token_index(self) -> torch.Tensor:
+        """(B,) position in the packed batch of each sequence's last new token."""
+        return self.query_start[1:] - 1
+
+
+# ------------------------------------------------------------------------------------------
+# store K/V into slots
+
+def store_kv_ref(k, v, k_cache, v_cache, slot_mapping):
+    """Write the new tokens' k, v (T, K, D) into the pool at slot_mapping (T,). In place: the
+    pool is the cache's own tensor, and writing into it is the point."""
+    n_blocks, block_size, n_kv, d = k_cache.shape
+    k_cache.view(n_blocks * block_size, n_kv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(n_blocks * block_size, n_kv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping):
+    return store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+# ------------------------------------------------------------------------------------------
+# attention of new queries over each sequence's paged context (prefill, chunked prefill,
+# prefix-cache hits, speculative verification all take this path)
+
+def gather_context(k_cache, v_cache, block_table, n_ctx):
+    """The first n_ctx tokens of one sequence as contiguous (S, K, D) tensors."""
+    _, block_size, n_kv, d = k_cache.shape
+    n_used = -(-n_ctx // block_size)
+    blocks = block_table[:n_used]
+    k = k_cache[blocks].reshape(n_used * block_size, n_kv, d)[:n_ctx]  # (S, K, D)
+    v = v_cache[blocks].reshape(n_used * block_size, n_kv, d)[:n_ctx]
+    return k, v
+
+
+def causal_attention_one(q, k, v, scale):
+    """Attention of the last Tq positions of a sequence over all of its S keys.
+    q (Tq, H, D), k/v (S, K, D) -> (Tq, H, D). Query i sits at position S - Tq + i and sees keys
+    0..S-Tq+i. GQA: the G query heads that share a KV head are one batch row of a matmul, so
+    K/V are broadcast, never repeated in memory."""
+    n_q, n_head, d = q.shape
+    n_ctx, n_kv, _ = k.shape
+    g = n_head // n_kv
+    qf = q.float().view(n_q, n_kv, g, d).permute(1, 2, 0, 3)        # (K, G, Tq, D)
+    kf = k.float().permute(1, 0, 2).unsqueeze(1)                    # (K, 1, S, D)
+    vf = v.float().permute(1, 0, 2).unsqueeze(1)                    # (K, 1, S, D)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale         # (K, G, Tq, S)
+    q_pos = torch.arange(n_ctx - n_q, n_ctx, device=q.device).unsqueeze(1)  # (Tq, 1)
+    k_pos = torch.arange(n_ctx, device=q.device).unsqueeze(0)              # (1, S)
+    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), vf)            # (K, G, Tq, D)
+    return out.permute(2, 0, 1, 3).reshape(n_q, n_head, d).to(q.dtype)
+
+
+def prefill_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale):
+    """q (T, H, D) packed new queries -> (T, H, D). Each sequence attends over its paged context
+    (cached prefix plus its new tokens, already stored), causally."""
+    out = torch.empty_like(q)
+    qs, cl = meta.query_start_host, meta.context_lens_host
+    for b in range(len(cl)):
+        k, v = gather_context(k_cache, v_cache, meta.block_tables[b], cl[b])
+        out[qs[b]:qs[b + 1]] = causal_attention_one(q[qs[b]:qs[b + 1]], k, v, scale)
+    return out
+
+
+def prefill_attention(q, k_cache, v_cache, meta: AttnMeta, scale):
+    return prefill_attention_ref(q, k_cache, v_cache, meta, scale)
+
+
+# ------------------------------------------------------------------------------------------
+# decode attention: one new query per sequence, all sequences in one batched computation
+
+def decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """q (B, H, D), one query per sequence at its last position -> (B, H, D). Gathers every
+    sequence's blocks, padded to the longest context, and masks the padding."""
+    n_seq, n_head, d = q.shape
+    _, block_size, n_kv, _ = k_cache.shape
+    g = n_head // n_kv
+    n_ctx_max = int(context_lens.max())
+    n_used = -(-n_ctx_max // block_size)
+    blocks = block_tables[:, :n_used]                                     # (B, n_used)
+    k = k_cache[blocks].view(n_seq, n_used * block_size, n_kv, d)         # (B, S, K, D)
+    v = v_cache[blocks].view(n_seq, n_used * block_size, n_kv, d)
+    qf = q.float().view(n_seq, n_kv, g, d)                                # (B, K, G, D)
+    scores = torch.einsum("bkgd,bskd->bkgs", qf, k.float()) * scale       # (B, K, G, S)
+    k_pos = torch.arange(n_used * block_size, device=q.device)
+    pad = k_pos.unsqueeze(0) >= context_lens.unsqueeze(1)                 # (B, S)
+    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    out = torch.einsum("bkgs,bskd->bkgd", torch.softmax(scores, dim=-1), v.float())
+    return out.reshape(n_seq, n_head, d).to(q.dtype)
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
+    return decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+# ------------------------------------------------------------------------------------------
+# attention without any cache: the uncached baseline (and the dense oracle of the tests)
+
+def dense_causal_attention(q, k, v, query_start, scale):
+    """Ragged causal attention of every packed sequence over its own new tokens only.
+    q (T, H, D), k/v (T, K, D), query_start host list (B+1,) -> (T, H, D)."""
+    out = torch.empty_like(q)
+    for b in range(len(query_start) - 1):
+        s, e = query_start[b], query_start[b + 1]
+        out[s:e] = causal_attention_one(q[s:e], k[s:e], v[s:e], scale)
+    return out
+
+
+def paged_attention(q, k_cache, v_cache, meta: AttnMeta, scale):
+    """The model's one entry point: decode batches take the decode kernel, anything with more
+    than one new token per sequence (prefill, chunks, verification) the prefill kernel."""
+    if meta.is_decode:
+        return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    return prefill_attention(q, k_cache, v_cache, meta, scale)

