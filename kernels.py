@@ -52,6 +52,11 @@ class AttnMeta:
         return self.query_start[1:] - 1
 
 
+def acc(x):
+    """Accumulation dtype: at least fp32 (softmax in bf16 loses the tail), fp64 when given."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # ------------------------------------------------------------------------------------------
 # store K/V into slots
 
@@ -89,9 +94,9 @@ def causal_attention_one(q, k, v, scale):
     n_q, n_head, d = q.shape
     n_ctx, n_kv, _ = k.shape
     g = n_head // n_kv
-    qf = q.float().view(n_q, n_kv, g, d).permute(1, 2, 0, 3)        # (K, G, Tq, D)
-    kf = k.float().permute(1, 0, 2).unsqueeze(1)                    # (K, 1, S, D)
-    vf = v.float().permute(1, 0, 2).unsqueeze(1)                    # (K, 1, S, D)
+    qf = acc(q).view(n_q, n_kv, g, d).permute(1, 2, 0, 3)        # (K, G, Tq, D)
+    kf = acc(k).permute(1, 0, 2).unsqueeze(1)                    # (K, 1, S, D)
+    vf = acc(v).permute(1, 0, 2).unsqueeze(1)                    # (K, 1, S, D)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale         # (K, G, Tq, S)
     q_pos = torch.arange(n_ctx - n_q, n_ctx, device=q.device).unsqueeze(1)  # (Tq, 1)
     k_pos = torch.arange(n_ctx, device=q.device).unsqueeze(0)              # (1, S)
@@ -129,12 +134,12 @@ def decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
     blocks = block_tables[:, :n_used]                                     # (B, n_used)
     k = k_cache[blocks].view(n_seq, n_used * block_size, n_kv, d)         # (B, S, K, D)
     v = v_cache[blocks].view(n_seq, n_used * block_size, n_kv, d)
-    qf = q.float().view(n_seq, n_kv, g, d)                                # (B, K, G, D)
-    scores = torch.einsum("bkgd,bskd->bkgs", qf, k.float()) * scale       # (B, K, G, S)
+    qf = acc(q).view(n_seq, n_kv, g, d)                                # (B, K, G, D)
+    scores = torch.einsum("bkgd,bskd->bkgs", qf, acc(k)) * scale       # (B, K, G, S)
     k_pos = torch.arange(n_used * block_size, device=q.device)
     pad = k_pos.unsqueeze(0) >= context_lens.unsqueeze(1)                 # (B, S)
     scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
-    out = torch.einsum("bkgs,bskd->bkgd", torch.softmax(scores, dim=-1), v.float())
+    out = torch.einsum("bkgs,bskd->bkgd", torch.softmax(scores, dim=-1), acc(v))
     return out.reshape(n_seq, n_head, d).to(q.dtype)
 
 

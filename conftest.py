@@ -1,0 +1,123 @@
+"""
+Shared test helpers: hypothesis profiles and tiny seeded checkpoints built with transformers.
+
+Profiles: `ci` (default: derandomised, few examples, fast) and `dev` (many examples):
+    HYPOTHESIS_PROFILE=dev pytest
+Nothing here touches the network: checkpoints are random weights saved to a temp directory,
+with a small byte-level BPE tokenizer trained here on a fixed text.
+"""
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=12, derandomize=True, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+TRAIN_TEXT = ("the quick brown fox jumps over the lazy dog. then the other fox sat in the "
+              "sun and the dog ran to the tree, 1234 times over. " * 4)
+N_MERGES = 40
+
+
+def train_bpe(text, n_merges):
+    """A byte-level BPE vocabulary (GPT-2's byte-to-unicode alphabet) with n_merges merges
+    learned greedily on text: enough to exercise real merges in the tokenizer tests."""
+    from model import bytes_to_unicode
+    char = bytes_to_unicode()
+    words = Counter(tuple(char[b] for b in (" " + w).encode()) for w in text.split())
+    vocab = [char[b] for b in range(256)]
+    merges = []
+    for _ in range(n_merges):
+        pairs = Counter()
+        for w, n in words.items():
+            for a, b in zip(w, w[1:]):
+                pairs[a, b] += n
+        if not pairs:
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        merges.append(f"{a} {b}")
+        vocab.append(a + b)
+        new = Counter()
+        for w, n in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == (a, b):
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new[tuple(out)] += n
+        words = new
+    return vocab, merges
+
+
+def write_tokenizer(path: Path):
+    """vocab.json + merges.txt + tokenizer_config.json; returns the vocabulary size."""
+    vocab, merges = train_bpe(TRAIN_TEXT, N_MERGES)
+    vocab.append("<|endoftext|>")
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    eos = len(vocab) - 1
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "added_tokens_decoder": {str(eos): {"content": "<|endoftext|>", "special": True}}}))
+    return len(vocab)
+
+
+TINY = {
+    "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=128),
+    "llama": dict(num_hidden_layers=2, hidden_size=48, intermediate_size=64,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False, rope_theta=500.0,
+                  rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "qwen2": dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                  num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                  tie_word_embeddings=True),
+}
+
+
+def make_checkpoint(path: Path, arch="llama", seed=0, shard=False, **overrides):
+    """A random-weight HF checkpoint of a tiny `arch` model in `path`; returns the HF model."""
+    import transformers
+    path.mkdir(parents=True, exist_ok=True)
+    n_vocab = write_tokenizer(path)
+    kw = {**TINY[arch], "vocab_size": n_vocab, **overrides}
+    cfg_cls = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig,
+               "qwen2": transformers.Qwen2Config}[arch]
+    cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
+           "qwen2": transformers.Qwen2ForCausalLM}[arch]
+    cfg = cfg_cls(**kw, bos_token_id=n_vocab - 1, eos_token_id=n_vocab - 1)
+    torch.manual_seed(seed)
+    hf = cls(cfg).eval()
+    with torch.no_grad():  # HF inits some weights to exact 0/1: randomise them all
+        for p in hf.parameters():
+            p.normal_(0, 0.5 if p.ndim == 1 else 0.2)
+    hf.save_pretrained(path, max_shard_size="20KB" if shard else "5GB")
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """tiny_dir(arch) -> path of a cached tiny checkpoint of that architecture."""
+    made = {}
+
+    def get(arch="llama"):
+        if arch not in made:
+            made[arch] = tmp_path_factory.mktemp(arch)
+            make_checkpoint(made[arch], arch)
+        return made[arch]
+    return get
+
+
+def smollm2_path():
+    from model import default_model_path
+    return default_model_path()

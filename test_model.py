@@ -1,0 +1,265 @@
+"""
+Rung 6 of the ladder: our model == Hugging Face transformers on the same checkpoint (logits),
+for HF directories (GPT-2, Llama with GQA + untied embeddings + Llama-3 RoPE scaling, Qwen2
+with QKV bias, sharded files) and GGUF files (every supported tensor type, llama.cpp's Q/K row
+order undone); the real SmolLM2 GGUF; the tokenizer against transformers'; loader errors.
+"""
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import kernels
+import model as M
+from cache import KVCache
+from conftest import make_checkpoint, smollm2_path, TRAIN_TEXT
+
+TEXTS = ["Hello world", "12345 apples  and   3.14159\n\n\tTabs", "naïve café — 日本語 🎉 emoji",
+         "<|im_start|>user\nHi there<|im_end|>\n", "   leading spaces and trailing   ",
+         "a  1  22   333 4444", "it's   don't WE'LL they've", "x\r\ny\n\n\n z", "",
+         "the quick brown fox jumps over the lazy dog"]
+
+
+def our_logits(model, ids, paged=False, block_size=4):
+    """(T, V) logits for all positions of one sequence, dense or through a paged cache."""
+    ids = torch.tensor(ids)
+    n = len(ids)
+    if not paged:
+        meta = kernels.AttnMeta(None, None, None, torch.tensor([0, n]), (), (0, n))
+        return model(ids, torch.arange(n), meta, None, all_logits=True)
+    cfg = model.cfg
+    c = KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, n_blocks=64, block_size=block_size,
+                dtype=model.tok_emb.weight.dtype)
+    c.append(99, 3)  # occupy some blocks first, so ours are not simply 0, 1, 2...
+    slots = c.append(0, n)
+    meta = kernels.AttnMeta(torch.tensor(slots), c.block_table_tensor([0]), torch.tensor([n]),
+                            torch.tensor([0, n]), (n,), (0, n))
+    return model(ids, torch.arange(n), meta, c.kv, all_logits=True)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_logits_match_transformers(tmp_path, arch):
+    hf = make_checkpoint(tmp_path, arch)
+    ours, tok = M.load(tmp_path)
+    ids = tok.encode(TRAIN_TEXT[:80])
+    want = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(our_logits(ours, ids), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(our_logits(ours, ids, paged=True), want, rtol=1e-4, atol=1e-4)
+
+
+def test_sharded_checkpoint_loads_the_same(tmp_path):
+    hf = make_checkpoint(tmp_path, "llama", shard=True)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours, _ = M.load(tmp_path)
+    ids = list(range(3, 40))
+    torch.testing.assert_close(our_logits(ours, ids), hf(torch.tensor([ids])).logits[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_hf_tokenizer_matches_transformers(tiny_dir):
+    from transformers import AutoTokenizer
+    path = tiny_dir("gpt2")
+    ours = M.tokenizer_from_hf_dir(path)
+    theirs = AutoTokenizer.from_pretrained(path)
+    for text in TEXTS + [TRAIN_TEXT]:
+        text = text.replace("<|im_start|>", "").replace("<|im_end|>", "")
+        assert ours.encode(text) == theirs.encode(text), text
+        assert ours.decode(ours.encode(text)) == text
+
+
+# ------------------------------------------------------------------------------------------
+# GGUF
+
+def llamacpp_permute(w, n_head):
+    """What llama.cpp's converter does to W_q and W_k (the inverse of what we undo)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2) \
+        .reshape(w.shape)
+
+
+def write_gguf(path, hf, qtype="F32", arch="llama", skip=(), extra=None):
+    """Write an HF Llama model as a llama.cpp-style GGUF, every 2-D weight stored as qtype."""
+    cfg = hf.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    vocab, merges = __import__("conftest").train_bpe(TRAIN_TEXT, 40)
+    vocab = vocab + ["<|endoftext|>"] + [f"<pad{i}>" for i in range(cfg.vocab_size - len(vocab) - 1)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab)
+    w.add_token_types([1] * 296 + [3] * (cfg.vocab_size - 296))
+    w.add_token_merges(merges)
+    w.add_eos_token_id(296)
+    inv = {v: k for k, v in M.GGUF_LLAMA.items()}
+    h, k = cfg.num_attention_heads, cfg.num_key_value_heads
+    for name, t in hf.state_dict().items():
+        ours = M.rename(name, M.HF_LLAMA, M.HF_LLAMA_DROPPED)
+        i = name.split(".")[2] if ".layers." in name else None
+        our_template = ours.replace(f".{i}.", ".{i}.") if i else ours
+        src = inv[our_template].replace("{i}", i) if i else inv[our_template]
+        if src in skip:
+            continue
+        a = t.detach().float().numpy()
+        if src.endswith("attn_q.weight"):
+            a = llamacpp_permute(a, h)
+        elif src.endswith("attn_k.weight"):
+            a = llamacpp_permute(a, k)
+        kind = gguf.GGMLQuantizationType[qtype] if a.ndim == 2 else gguf.GGMLQuantizationType.F32
+        if kind == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(src, a.astype(np.float16))
+        elif kind == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(src, a)
+        else:
+            w.add_tensor(src, gguf.quants.quantize(a, kind), raw_dtype=kind)
+    for name, a in (extra or {}).items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+GGUF_LLAMA_TINY = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                       num_key_value_heads=2, rope_scaling=None, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def gguf_llama(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gguf")
+    return make_checkpoint(d, "llama", **GGUF_LLAMA_TINY), d
+
+
+def test_gguf_f32_logits_match_transformers(gguf_llama):
+    hf, d = gguf_llama
+    write_gguf(d / "m.gguf", hf, "F32")
+    ours, tok = M.load(d / "m.gguf")
+    assert not ours.cfg.tie_embeddings
+    ids = tok.encode(TRAIN_TEXT[:60])
+    torch.testing.assert_close(our_logits(ours, ids, paged=True), hf(torch.tensor([ids])).logits[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_tensor_types_dequantize_exactly(gguf_llama, qtype):
+    """Each loaded weight equals the dequantized stored weight, with the row order restored."""
+    hf, d = gguf_llama
+    write_gguf(d / f"{qtype}.gguf", hf, qtype)
+    ours, _ = M.load(d / f"{qtype}.gguf")
+    kind = gguf.GGMLQuantizationType[qtype]
+    q = hf.model.layers[1].self_attn.q_proj.weight.detach().numpy()
+    if qtype == "F16":
+        roundtrip = q.astype(np.float16).astype(np.float32)
+    else:
+        roundtrip = gguf.quants.dequantize(gguf.quants.quantize(q, kind), kind)
+    torch.testing.assert_close(ours.blocks[1].qkv.weight[:64], torch.from_numpy(roundtrip),
+                               rtol=0, atol=0)
+    ids = list(range(5, 30))  # and the model still follows transformers, within the rounding
+    err = (our_logits(ours, ids) - hf(torch.tensor([ids])).logits[0]).abs().max()
+    assert err < {"F16": 0.05, "BF16": 0.3, "Q8_0": 0.3, "Q4_0": 3, "Q4_1": 3}[qtype]
+
+
+def test_gguf_errors_name_what_does_not_fit(gguf_llama, tmp_path):
+    hf, _ = gguf_llama
+    write_gguf(tmp_path / "missing.gguf", hf, skip=("blk.1.ffn_up.weight",))
+    with pytest.raises(ValueError, match="blocks.1.up.weight|blocks.1.gate_up.weight"):
+        M.load(tmp_path / "missing.gguf")
+    write_gguf(tmp_path / "extra.gguf", hf, extra={"blk.0.mystery.weight": np.zeros(4, np.float32)})
+    with pytest.raises(ValueError, match="unknown tensor blk.0.mystery.weight"):
+        M.load(tmp_path / "extra.gguf")
+    write_gguf(tmp_path / "gpt2.gguf", hf, arch="gpt2")
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'gpt2'"):
+        M.load(tmp_path / "gpt2.gguf")
+    write_gguf(tmp_path / "q5k.gguf", hf, "F32",
+               extra={"blk.0.bad.weight": np.zeros((2, 8), np.int8)})
+    with pytest.raises(ValueError, match="unsupported type I8"):
+        M.load(tmp_path / "q5k.gguf")
+    good = tmp_path / "good.gguf"
+    write_gguf(good, hf, "Q8_0")
+    data = good.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="cut.gguf"):
+        M.load(tmp_path / "cut.gguf")
+
+
+def test_hf_errors_name_what_does_not_fit(tmp_path):
+    make_checkpoint(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 65}))
+    with pytest.raises(ValueError, match=r"gate_up.weight has shape \(128, 48\).*\(130, 48\)"):
+        M.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'mamba'"):
+        M.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ValueError, match="cannot read safetensors"):
+        M.load(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        M.load(tmp_path / "nope")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="neither a GGUF file nor"):
+        M.load(tmp_path / "notes.txt")
+
+
+# ------------------------------------------------------------------------------------------
+# the real model: SmolLM2-135M-Instruct (GGUF, Q4_1 + Q8_0)
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return M.load(smollm2_path(), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    p = smollm2_path()
+    hf = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+    return hf.eval(), AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+
+
+def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_hf):
+    _, ours = smollm2
+    _, theirs = smollm2_hf
+    for text in TEXTS:
+        assert ours.encode(text) == theirs.encode(text), text
+        assert ours.decode(ours.encode(text)) == text
+
+
+def test_smollm2_logits_match_transformers(smollm2, smollm2_hf):
+    (model, tok), (hf, _) = smollm2, smollm2_hf
+    for text in ["Once upon a time, there was a little", "The capital of France is",
+                 "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]:
+        ids = tok.encode(text)
+        with torch.no_grad():
+            want = hf(torch.tensor([ids])).logits[0]
+        got = our_logits(model, ids, paged=True, block_size=16)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-3)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_stream_decoder_never_emits_half_a_character(smollm2):
+    _, tok = smollm2
+    text = "emoji 🎉🎉 and 日本語 and naïve"
+    ids = tok.encode(text)
+    s = tok.stream()
+    pieces = [s.feed(i) for i in ids] + [s.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert any(p == "" for p in pieces)  # some token did end mid-character, and was held
+
+
+def test_chat_template_is_chatml_with_default_system(smollm2):
+    _, tok = smollm2
+    text = M.apply_chat_template(tok, [{"role": "user", "content": "Hi"}])
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+                    "Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert tok.encode(text)[0] == tok.special["<|im_start|>"]
