@@ -156,7 +156,8 @@ class LLM:
         self.dtype = resolve_dtype(dtype, self.device)
         if block_size < 1 or (n_blocks is not None and n_blocks < 1) or max_batch_tokens < 1:
             raise ValueError("block_size, n_blocks and max_batch_tokens must be >= 1")
-        self.model, self.tokenizer = model_mod.load(model, self.dtype, self.device)
+        self.model_path = str(model if model is not None else model_mod.default_model_path())
+        self.model, self.tokenizer = model_mod.load(self.model_path, self.dtype, self.device)
         cfg = self.cfg = self.model.cfg
         if n_blocks is None:
             n_blocks = cache_mod.blocks_for_budget(kv_budget_bytes, block_size, cfg.n_layer,
@@ -166,6 +167,7 @@ class LLM:
                                        block_size, self.dtype, self.device)
         self.max_batch_tokens = max_batch_tokens
         self.peak_blocks = 0  # most blocks in use during the last generate() call
+        self.n_preemptions = 0  # sequences preempted (and later recomputed), ever
         self._next_id = 0
 
     # -- requests -----------------------------------------------------------------------------
@@ -218,23 +220,25 @@ class LLM:
     # -- one step -----------------------------------------------------------------------------
 
     def schedule(self, running: list, waiting: deque):
-        """Pick (sequence, n_tokens) pairs for one step. Running sequences go first, each
-        computing what it lacks (one token when decoding); when the pool cannot give one its
-        next block, the most recently admitted sequence is preempted (its blocks freed, to be
-        recomputed later). Then waiting sequences are admitted, oldest first, while the token
-        budget and the free blocks allow; a long prompt takes what is left of the budget and
-        continues next step (chunked prefill)."""
+        """Pick the (sequence, n_tokens, slots) of one step, reserving the slots as it goes (so
+        two sequences can never be promised the same free block). Running sequences go first,
+        each computing what it lacks (one token when decoding); when the pool cannot give one
+        its next block, the most recently admitted sequence is preempted (its blocks freed, to
+        be recomputed later). Then waiting sequences are admitted, oldest first, while the
+        token budget and the free blocks allow; a long prompt takes what is left of the budget
+        and continues next step (chunked prefill)."""
         batch, budget = [], self.max_batch_tokens
         for seq in list(running):
             if seq not in running:  # preempted below, for an older sequence
                 continue
             n = min(len(seq.tokens) - seq.n_computed, budget)
             while n and not self.cache.can_append(seq.id, n):
+                # the newest sequence has not been scheduled yet this step (we go oldest first)
                 self.preempt(running[-1], running, waiting)
                 if seq not in running:
                     break
             if seq in running and n:
-                batch.append((seq, n))
+                batch.append((seq, n, self.cache.append(seq.id, n)))
                 budget -= n
         while waiting and budget > 0:
             seq = waiting[0]
@@ -242,38 +246,39 @@ class LLM:
             if not self.cache.can_append(seq.id, n):
                 break
             running.append(waiting.popleft())
-            batch.append((seq, n))
+            batch.append((seq, n, self.cache.append(seq.id, n)))
             budget -= n
         return batch
 
     def preempt(self, seq, running, waiting):
+        self.n_preemptions += 1
         self.cache.free(seq.id)
         seq.n_computed = 0
         running.remove(seq)
         waiting.appendleft(seq)
 
     def run_batch(self, batch):
-        """Reserve slots, pack the batch, run the model: (B, V) logits of each sequence's last
-        computed token."""
+        """Pack the scheduled (sequence, n_tokens, slots) into one ragged batch and run the
+        model: (B, V) logits of each sequence's last computed token."""
         tokens, positions, slots, ctx, starts = [], [], [], [], [0]
-        for seq, n in batch:
+        for seq, n, seq_slots in batch:
             lo = seq.n_computed
             tokens += seq.tokens[lo:lo + n]
             positions += range(lo, lo + n)
-            slots += self.cache.append(seq.id, n)
+            slots += seq_slots
             ctx.append(lo + n)
             starts.append(starts[-1] + n)
         dev = self.device
         meta = kernels.AttnMeta(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=self.cache.block_table_tensor([s.id for s, _ in batch], dev),
+            block_tables=self.cache.block_table_tensor([s.id for s, _, _ in batch], dev),
             context_lens=torch.tensor(ctx, dtype=torch.int64, device=dev),
             query_start=torch.tensor(starts, dtype=torch.int64, device=dev),
             context_lens_host=tuple(ctx), query_start_host=tuple(starts))
         self.peak_blocks = max(self.peak_blocks, self.cache.n_used_blocks)
         logits = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
                             meta, self.cache.kv)
-        for seq, n in batch:
+        for seq, n, _ in batch:
             seq.n_computed += n
         return logits
 
@@ -327,9 +332,10 @@ class LLM:
                 else:
                     running += waiting
                     waiting.clear()
-                    batch = [(s, len(s.tokens)) for s in running]
+                    batch = [(s, len(s.tokens), None) for s in running]
                     logits = self.run_uncached(running)
-                ready = [(i, s) for i, (s, _) in enumerate(batch) if s.n_computed == len(s.tokens)]
+                ready = [(i, s) for i, (s, _, _) in enumerate(batch)
+                         if s.n_computed == len(s.tokens)]
                 rows = [i for i, _ in ready]
                 greedy = logits[rows].argmax(-1).tolist()  # one host sync for the whole batch
                 now = time.perf_counter()

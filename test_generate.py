@@ -1,0 +1,259 @@
+"""
+Rungs 3-4 of the ladder, end to end: cached generation == uncached recomputation (logits at
+every step, greedy tokens), batched == one at a time, preempted == never preempted, chunked
+prefill == whole prefill; sampling, stop strings and streaming; every bad input gives one
+clear error (API and CLI); the golden continuation of the real model.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import kernels
+from conftest import make_checkpoint, smollm2_path
+from generate import LLM, SamplingParams, sample
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def llms(tmp_path_factory):
+    """One tiny LLM per architecture (fp32), built once."""
+    out = {}
+    for arch in ("gpt2", "llama"):
+        d = tmp_path_factory.mktemp(arch)
+        make_checkpoint(d, arch)
+        out[arch] = LLM(str(d), dtype="float32", block_size=4)
+    return out
+
+
+def dense_logits(llm, tokens):
+    n = len(tokens)
+    meta = kernels.AttnMeta(None, None, None, torch.tensor([0, n]), (), (0, n))
+    return llm.model(torch.tensor(tokens), torch.arange(n), meta, None, all_logits=True)
+
+
+prompts_st = st.lists(st.lists(st.integers(0, 290), min_size=1, max_size=20), min_size=1,
+                      max_size=4)
+
+
+@given(arch=st.sampled_from(["gpt2", "llama"]), prompts=prompts_st, n_new=st.integers(1, 12))
+def test_cached_logits_match_uncached_at_every_step(llms, arch, prompts, n_new):
+    """Prefill all prompts in one ragged batch, then decode in lockstep through the paged
+    cache; every step's logits equal a full recomputation of the sequence so far."""
+    llm = llms[arch]
+    g = torch.Generator().manual_seed(len(prompts) * 31 + n_new)
+    seqs = llm.make_sequences([p + torch.randint(0, 290, (n_new,), generator=g).tolist()
+                               for p in prompts], SamplingParams(max_new_tokens=1))
+    try:
+        batch = [(s, len(p), llm.cache.append(s.id, len(p))) for s, p in zip(seqs, prompts)]
+        while batch:
+            logits = llm.run_batch(batch)
+            llm.cache.check_invariants()
+            for row, (s, _, _) in enumerate(batch):
+                want = dense_logits(llm, s.tokens[:s.n_computed])[-1]
+                torch.testing.assert_close(logits[row], want, rtol=1e-4, atol=1e-4)
+            batch = [(s, 1, llm.cache.append(s.id, 1)) for s in seqs if s.n_computed < len(s.tokens)]
+    finally:
+        for s in seqs:
+            llm.cache.free(s.id)
+    llm.cache.check_invariants()
+    assert llm.cache.n_free_blocks == llm.cache.n_blocks
+
+
+@given(arch=st.sampled_from(["gpt2", "llama"]), prompts=prompts_st)
+def test_greedy_tokens_cached_equal_uncached(llms, arch, prompts):
+    llm, p = llms[arch], SamplingParams(max_new_tokens=10, ignore_eos=True)
+    cached = llm.generate(prompts, p)
+    uncached = llm.generate(prompts, p, use_cache=False)
+    assert [c.token_ids for c in cached] == [u.token_ids for u in uncached]
+    assert all(len(c.token_ids) == 10 for c in cached)
+
+
+@given(arch=st.sampled_from(["gpt2", "llama"]), prompts=prompts_st,
+       temperature=st.sampled_from([0.0, 0.8]), seed=st.integers(0, 100))
+def test_batched_generation_equals_one_at_a_time(llms, arch, prompts, temperature, seed):
+    llm = llms[arch]
+    p = SamplingParams(max_new_tokens=8, temperature=temperature, top_k=20, seed=seed)
+    together = llm.generate(prompts, p)
+    alone = [llm.generate([q], p)[0] for q in prompts]
+    assert [t.token_ids for t in together] == [a.token_ids for a in alone]
+    assert [t.text for t in together] == [a.text for a in alone]
+
+
+@given(prompts=st.lists(st.lists(st.integers(0, 290), min_size=1, max_size=24), min_size=2,
+                        max_size=6), n_blocks=st.integers(10, 14),
+       max_batch_tokens=st.integers(3, 64))
+def test_preempted_and_chunked_equal_unconstrained(tiny_dir, prompts, n_blocks, max_batch_tokens):
+    """A pool that fits only a few sequences (preemption) and a small token budget (chunked
+    prefill) give exactly the outputs of an ample pool; no request is lost."""
+    ample = LLM(str(tiny_dir("llama")), dtype="float32", block_size=4)
+    tight = LLM(str(tiny_dir("llama")), dtype="float32", block_size=4, n_blocks=n_blocks,
+                max_batch_tokens=max_batch_tokens)
+    p = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    want = ample.generate(prompts, p)
+    got = tight.generate(prompts, p)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    tight.cache.check_invariants()
+    assert tight.cache.n_free_blocks == n_blocks
+
+
+def test_tight_pool_really_preempts(tiny_dir):
+    llm = LLM(str(tiny_dir("llama")), dtype="float32", block_size=4, n_blocks=10)
+    outs = llm.generate([[5] * 10, [6] * 10, [7] * 10], SamplingParams(max_new_tokens=20,
+                                                                       ignore_eos=True))
+    assert llm.n_preemptions > 0 and all(len(o.token_ids) == 20 for o in outs)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
+    rng = torch.Generator().manual_seed(0)
+    assert sample(logits, SamplingParams(temperature=0), rng) == 1
+    assert {sample(logits, SamplingParams(temperature=5, top_k=1), rng) for _ in range(20)} == {1}
+    picks = {sample(logits, SamplingParams(temperature=1, top_k=2), rng) for _ in range(200)}
+    assert picks == {1, 3}
+    picks = {sample(logits, SamplingParams(temperature=1, top_p=0.01), rng) for _ in range(50)}
+    assert picks == {1}
+    # top_p keeps the smallest set reaching the mass: here tokens 1 and 3 (~0.47 + ~0.43)
+    picks = {sample(logits, SamplingParams(temperature=1, top_p=0.85), rng) for _ in range(300)}
+    assert picks == {1, 3}
+
+
+def test_seeded_sampling_is_reproducible(llms):
+    llm = llms["llama"]
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    a, b = llm.generate([[1, 2, 3]], p), llm.generate([[1, 2, 3]], p)
+    assert a[0].token_ids == b[0].token_ids
+
+
+def test_stop_strings_and_streaming(llms):
+    llm = llms["gpt2"]
+    p = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    [full] = llm.generate(["the fox"], p)
+    assert len(full.text) > 4
+    stop = full.text[3:5]
+    pieces = []
+    [out] = llm.generate(["the fox"], SamplingParams(max_new_tokens=30, ignore_eos=True,
+                                                     stop=(stop,)),
+                         on_text=lambda i, s: pieces.append(s))
+    assert out.text == full.text[:full.text.find(stop)]
+    assert out.finish_reason == "stop" and "".join(pieces) == out.text
+
+
+def test_completion_fields(llms):
+    llm = llms["llama"]
+    [o] = llm.generate(["the quick brown fox"], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert o.n_prompt_tokens == len(llm.tokenizer.encode("the quick brown fox"))
+    assert o.n_cached_tokens == 0 and len(o.token_ids) == 5 and o.finish_reason == "length"
+    assert o.ttft_s > 0 and o.decode_s >= 0
+    assert o.text == llm.tokenizer.decode(o.token_ids)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
+    (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k")])
+def test_bad_sampling_params_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_raise_and_leave_the_cache_intact(llms):
+    llm = llms["llama"]
+    for prompts, params, match in [
+            ([""], None, "empty prompt"), ([[]], None, "empty prompt"), ([], None, "no prompts"),
+            ([[1] * 250], SamplingParams(max_new_tokens=10), r"260 tokens, beyond .* 256"),
+            ([[99999]], None, "outside the vocabulary")]:
+        with pytest.raises(ValueError, match=match):
+            llm.generate(prompts, params)
+        llm.cache.check_invariants()
+        assert llm.cache.n_free_blocks == llm.cache.n_blocks
+    small = LLM(str(Path(llm.model_path)), dtype="float32", block_size=4, n_blocks=2)
+    with pytest.raises(ValueError, match="too small for one request of 20 tokens"):
+        small.generate([[1] * 10], SamplingParams(max_new_tokens=10))
+
+
+# ------------------------------------------------------------------------------------------
+# the CLI, as a user runs it
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, str(HERE / "generate.py"), *args], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, llms):
+    """Paths that must each fail with a clear message."""
+    import numpy as np
+    from test_model import GGUF_LLAMA_TINY, write_gguf
+    d = tmp_path_factory.mktemp("bad")
+    hf = make_checkpoint(d / "hf", "llama", **GGUF_LLAMA_TINY)
+    write_gguf(d / "arch.gguf", hf, arch="gpt2")
+    write_gguf(d / "type.gguf", hf, extra={"blk.0.x.weight": np.zeros((2, 8), np.int8)})
+    write_gguf(d / "ok.gguf", hf, "Q8_0")
+    data = (d / "ok.gguf").read_bytes()
+    (d / "cut.gguf").write_bytes(data[:len(data) // 2])
+    (d / "text.txt").write_text("not a model")
+    return d
+
+
+def test_cli_streams_a_completion(llms):
+    r = run_cli("the quick", "--model", llms["gpt2"].model_path, "--max-new-tokens", "5",
+                "--dtype", "float32", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    [o] = llms["gpt2"].generate(["the quick"], SamplingParams(max_new_tokens=5, ignore_eos=True,
+                                                              seed=0))
+    assert r.stdout == o.text + "\n"
+    assert "prompt 3 tokens" in r.stderr and "tokens/s" in r.stderr and "KV cache" in r.stderr
+
+
+def test_cli_prompt_file_and_chat(llms, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("the fox\n\nthe dog\nsun\n")
+    r = run_cli("--prompt-file", str(f), "--model", llms["gpt2"].model_path,
+                "--max-new-tokens", "3", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("### ") == 3 and "3/3 requests done" in r.stderr
+    r = run_cli("--chat", "--model", llms["gpt2"].model_path, "--max-new-tokens", "3",
+                stdin="hello\nagain\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("[1 request") == 2
+
+
+@pytest.mark.parametrize("case", [
+    "empty", "context", "missing", "text", "arch", "type", "cut", "temperature", "top_p",
+    "top_k", "max_new", "kv_budget", "no_prompt"])
+def test_cli_bad_input_is_one_clear_line(llms, bad_files, case):
+    m = ["--model", llms["llama"].model_path]
+    args, match = {
+        "empty": (["", *m], "empty prompt"),
+        "context": (["hi", *m, "--max-new-tokens", "300"], "beyond the model's context of 256"),
+        "missing": (["hi", "--model", str(bad_files / "nope")], "does not exist"),
+        "text": (["hi", "--model", str(bad_files / "text.txt")], "neither a GGUF file nor"),
+        "arch": (["hi", "--model", str(bad_files / "arch.gguf")], "unsupported GGUF architecture"),
+        "type": (["hi", "--model", str(bad_files / "type.gguf")], "unsupported type I8"),
+        "cut": (["hi", "--model", str(bad_files / "cut.gguf")], "cut.gguf"),
+        "temperature": (["hi", *m, "--temperature", "-0.5"], "temperature must be >= 0"),
+        "top_p": (["hi", *m, "--top-p", "1.5"], r"top_p must be in \(0, 1\]"),
+        "top_k": (["hi", *m, "--top-k", "-2"], "top_k must be"),
+        "max_new": (["hi", *m, "--max-new-tokens", "0"], "max_new_tokens must be"),
+        "kv_budget": (["hi", *m, "--n-blocks", "1", "--block-size", "4"], "too small for one"),
+        "no_prompt": (m, "give a PROMPT"),
+    }[case]
+    r = run_cli(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert __import__("re").search(match, lines[0]), lines[0]
+
+
+# ------------------------------------------------------------------------------------------
+# golden: the embedded model, fp32, greedy
+
+def test_golden_smollm2_continuation():
+    llm = LLM(None, dtype="float32")
+    [out] = llm.generate(["Once upon a time, there was a little"], SamplingParams(max_new_tokens=14))
+    assert out.text.startswith(" girl named Emma who loved to play in the sun.")
+    assert str(smollm2_path()) == llm.model_path
