@@ -274,7 +274,8 @@ class LLM:
             block_tables=self.cache.block_table_tensor([s.id for s, _, _ in batch], dev),
             context_lens=torch.tensor(ctx, dtype=torch.int64, device=dev),
             query_start=torch.tensor(starts, dtype=torch.int64, device=dev),
-            context_lens_host=tuple(ctx), query_start_host=tuple(starts))
+            context_lens_host=tuple(ctx), query_start_host=tuple(starts),
+            block_size=self.cache.block_size)
         self.peak_blocks = max(self.peak_blocks, self.cache.n_used_blocks)
         logits = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
                             meta, self.cache.kv)

@@ -19,8 +19,10 @@ Tests: `pytest test_kernels.py`.
 """
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 
 # Set ENGINE_FORCE_REF=1 to force the torch reference on a GPU (for bisecting a kernel).
 FORCE_REF = os.environ.get("ENGINE_FORCE_REF", "0") == "1"
@@ -39,6 +41,7 @@ class AttnMeta:
     # host copies, so that the reference path can slice without syncing a device
     context_lens_host: tuple = ()
     query_start_host: tuple = ()
+    block_size: int = 0  # P of the pool the block tables index
 
     @property
     def is_decode(self) -> bool:
@@ -46,15 +49,24 @@ class AttnMeta:
         qs = self.query_start_host
         return len(qs) - 1 == qs[-1]
 
-    @property
+    @cached_property
+    def decode_gather(self):
+        """(blocks (B, n_used), valid (B, 1, 1, n_used * P) mask or None) for the decode
+        reference: the same for every layer, so computed once per step."""
+        block_size = self.block_size
+        n_ctx_max = max(self.context_lens_host)
+        n_used = -(-n_ctx_max // block_size)
+        blocks = self.block_tables[:, :n_used]
+        if all(c == n_used * block_size for c in self.context_lens_host):
+            return blocks, None  # no padding anywhere: SDPA needs no mask
+        k_pos = torch.arange(n_used * block_size, device=blocks.device)
+        valid = k_pos.unsqueeze(0) < self.context_lens.unsqueeze(1)           # (B, S)
+        return blocks, valid[:, None, None, :]
+
+    @cached_property
     def last_token_index(self) -> torch.Tensor:
         """(B,) position in the packed batch of each sequence's last new token."""
         return self.query_start[1:] - 1
-
-
-def acc(x):
-    """Accumulation dtype: at least fp32 (softmax in bf16 loses the tail), fp64 when given."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 # ------------------------------------------------------------------------------------------
@@ -81,28 +93,25 @@ def gather_context(k_cache, v_cache, block_table, n_ctx):
     _, block_size, n_kv, d = k_cache.shape
     n_used = -(-n_ctx // block_size)
     blocks = block_table[:n_used]
-    k = k_cache[blocks].reshape(n_used * block_size, n_kv, d)[:n_ctx]  # (S, K, D)
-    v = v_cache[blocks].reshape(n_used * block_size, n_kv, d)[:n_ctx]
+    k = k_cache.index_select(0, blocks).view(n_used * block_size, n_kv, d)[:n_ctx]  # (S, K, D)
+    v = v_cache.index_select(0, blocks).view(n_used * block_size, n_kv, d)[:n_ctx]
     return k, v
 
 
 def causal_attention_one(q, k, v, scale):
     """Attention of the last Tq positions of a sequence over all of its S keys.
     q (Tq, H, D), k/v (S, K, D) -> (Tq, H, D). Query i sits at position S - Tq + i and sees keys
-    0..S-Tq+i. GQA: the G query heads that share a KV head are one batch row of a matmul, so
-    K/V are broadcast, never repeated in memory."""
+    0..S-Tq+i. GQA: the G query heads that share a KV head become G * Tq query rows of that
+    head, so K/V are never repeated in memory (SDPA accumulates in fp32, fp64 for fp64)."""
     n_q, n_head, d = q.shape
     n_ctx, n_kv, _ = k.shape
     g = n_head // n_kv
-    qf = acc(q).view(n_q, n_kv, g, d).permute(1, 2, 0, 3)        # (K, G, Tq, D)
-    kf = acc(k).permute(1, 0, 2).unsqueeze(1)                    # (K, 1, S, D)
-    vf = acc(v).permute(1, 0, 2).unsqueeze(1)                    # (K, 1, S, D)
-    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale         # (K, G, Tq, S)
-    q_pos = torch.arange(n_ctx - n_q, n_ctx, device=q.device).unsqueeze(1)  # (Tq, 1)
-    k_pos = torch.arange(n_ctx, device=q.device).unsqueeze(0)              # (1, S)
-    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), vf)            # (K, G, Tq, D)
-    return out.permute(2, 0, 1, 3).reshape(n_q, n_head, d).to(q.dtype)
+    rows = q.view(n_q, n_kv, g, d).permute(1, 2, 0, 3).reshape(n_kv, g * n_q, d)  # (K, G Tq, D)
+    q_pos = torch.arange(n_ctx - n_q, n_ctx, device=q.device).repeat(g).unsqueeze(1)  # (G Tq, 1)
+    k_pos = torch.arange(n_ctx, device=q.device).unsqueeze(0)                        # (1, S)
+    out = F.scaled_dot_product_attention(rows, k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=k_pos <= q_pos, scale=scale)  # (K, G Tq, D)
+    return out.view(n_kv, g, n_q, d).permute(2, 0, 1, 3).reshape(n_q, n_head, d)
 
 
 def prefill_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale):
@@ -123,28 +132,23 @@ def prefill_attention(q, k_cache, v_cache, meta: AttnMeta, scale):
 # ------------------------------------------------------------------------------------------
 # decode attention: one new query per sequence, all sequences in one batched computation
 
-def decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
+def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale):
     """q (B, H, D), one query per sequence at its last position -> (B, H, D). Gathers every
-    sequence's blocks, padded to the longest context, and masks the padding."""
+    sequence's blocks, padded to the longest context, and masks the padding. With one query
+    position there is no causal mask, so the G query heads of a KV head are simply G rows."""
     n_seq, n_head, d = q.shape
     _, block_size, n_kv, _ = k_cache.shape
-    g = n_head // n_kv
-    n_ctx_max = int(context_lens.max())
-    n_used = -(-n_ctx_max // block_size)
-    blocks = block_tables[:, :n_used]                                     # (B, n_used)
-    k = k_cache[blocks].view(n_seq, n_used * block_size, n_kv, d)         # (B, S, K, D)
-    v = v_cache[blocks].view(n_seq, n_used * block_size, n_kv, d)
-    qf = acc(q).view(n_seq, n_kv, g, d)                                # (B, K, G, D)
-    scores = torch.einsum("bkgd,bskd->bkgs", qf, acc(k)) * scale       # (B, K, G, S)
-    k_pos = torch.arange(n_used * block_size, device=q.device)
-    pad = k_pos.unsqueeze(0) >= context_lens.unsqueeze(1)                 # (B, S)
-    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
-    out = torch.einsum("bkgs,bskd->bkgd", torch.softmax(scores, dim=-1), acc(v))
-    return out.reshape(n_seq, n_head, d).to(q.dtype)
+    blocks, valid = meta.decode_gather                                      # (B, n_used)
+    n_ctx = blocks.shape[1] * block_size
+    k = k_cache.index_select(0, blocks.reshape(-1)).view(n_seq, n_ctx, n_kv, d).transpose(1, 2)
+    v = v_cache.index_select(0, blocks.reshape(-1)).view(n_seq, n_ctx, n_kv, d).transpose(1, 2)
+    rows = q.view(n_seq, n_kv, n_head // n_kv, d)                           # (B, K, G, D)
+    out = F.scaled_dot_product_attention(rows, k, v, attn_mask=valid, scale=scale)  # (B, K, G, D)
+    return out.view(n_seq, n_head, d)
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
-    return decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+def decode_attention(q, k_cache, v_cache, meta: AttnMeta, scale):
+    return decode_attention_ref(q, k_cache, v_cache, meta, scale)
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,5 +168,5 @@ def paged_attention(q, k_cache, v_cache, meta: AttnMeta, scale):
     """The model's one entry point: decode batches take the decode kernel, anything with more
     than one new token per sequence (prefill, chunks, verification) the prefill kernel."""
     if meta.is_decode:
-        return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+        return decode_attention(q, k_cache, v_cache, meta, scale)
     return prefill_attention(q, k_cache, v_cache, meta, scale)

@@ -103,9 +103,8 @@ def _check_positive(cfg, *names):
 # layers (functions where nothing is stored)
 
 def rms_norm(x, weight, eps):
-    """x (..., C): normalise in fp32, then scale in the weights' dtype (as HF Llama does)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    """x (..., C) / sqrt(mean(x^2) + eps) * weight; torch's fused op accumulates in fp32."""
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
 def layer_norm(x, weight, bias, eps):
@@ -134,13 +133,29 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotate x (T, H, D) by its positions (T,), in HF's half-split layout: dimension i pairs
-    with i + D/2 (not with i + 1: see the GGUF loader for llama.cpp's interleaved layout)."""
-    freqs = positions.float().unsqueeze(1) * inv_freq            # (T, D/2)
-    cos, sin = freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1)  # (T, 1, D/2)
-    x1, x2 = x.float().chunk(2, dim=-1)                           # (T, H, D/2) each
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+def rope_rotation(positions, inv_freq, dtype):
+    """(T, D, D) rotation matrices, one per position, once per forward. RoPE turns each pair
+    (x_i, x_{i+D/2}) (HF's half-split layout; llama.cpp pairs x_2i with x_2i+1, see the GGUF
+    loader) by the angle pos * inv_freq_i:
+        y_i       = x_i cos - x_{i+D/2} sin
+        y_{i+D/2} = x_{i+D/2} cos + x_i sin
+    As a matrix this is one small matmul per layer, y = x @ R, instead of five elementwise ops
+    (each op after a large matmul costs ~10 us on a CPU: see README, performance)."""
+    n_tok, half = positions.shape[0], inv_freq.shape[0]
+    angles = positions.float().unsqueeze(1) * inv_freq                # (T, D/2)
+    cos, sin = angles.cos(), angles.sin()
+    rot = torch.zeros(n_tok, 2, half, 2, half, device=positions.device)  # (T, in, i, out, j)
+    idx = torch.arange(half, device=positions.device)
+    rot[:, 0, idx, 0, idx] = cos   # x_i       -> y_i
+    rot[:, 1, idx, 0, idx] = -sin  # x_{i+D/2} -> y_i
+    rot[:, 1, idx, 1, idx] = cos   # x_{i+D/2} -> y_{i+D/2}
+    rot[:, 0, idx, 1, idx] = sin   # x_i       -> y_{i+D/2}
+    return rot.view(n_tok, 2 * half, 2 * half).to(dtype)               # (T, D, D)
+
+
+def apply_rope(x, rot):
+    """x (T, H, D) @ rot (T, D, D) -> (T, H, D): every head of a token turns alike."""
+    return torch.bmm(x, rot)
 
 
 # ------------------------------------------------------------------------------------------
@@ -174,26 +189,38 @@ class Block(nn.Module):
             return rms_norm(x, p["weight"], self.cfg.norm_eps)
         return layer_norm(x, p["weight"], p["bias"], self.cfg.norm_eps)
 
-    def forward(self, x, positions, inv_freq, meta, kv_layer):
+    def forward(self, x, rope, meta, kv_layer):
         cfg = self.cfg
         n_tok = x.shape[0]
         h, k, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        q, key, val = self.qkv(self.norm(self.attn_norm, x)).split([h * d, k * d, k * d], dim=-1)
-        q, key, val = q.view(n_tok, h, d), key.view(n_tok, k, d), val.view(n_tok, k, d)
-        if inv_freq is not None:
-            q, key = apply_rope(q, positions, inv_freq), apply_rope(key, positions, inv_freq)
+        # F.linear on the weights directly: nn.Module's call machinery costs ~2 us a call,
+        # which adds up over 4 matmuls x L layers of a decode step
+        qkv = F.linear(self.norm(self.attn_norm, x), self.qkv.weight, self.qkv.bias)
+        qk, val = qkv.split([(h + k) * d, k * d], dim=-1)
+        qk, val = qk.view(n_tok, h + k, d), val.view(n_tok, k, d)
+        if rope is not None:  # Q and K heads rotate alike: one call for both
+            qk = apply_rope(qk, rope)
+        q, key = qk.split([h, k], dim=1)                              # (T, H, D), (T, K, D)
         scale = 1.0 / math.sqrt(d)
         if kv_layer is None:  # uncached: attend over this call's tokens only
             a = kernels.dense_causal_attention(q, key, val, meta.query_start_host, scale)
         else:  # kv_layer (2, N, P, K, D): write this step's K/V, then read the whole context
             kernels.store_kv(key, val, kv_layer[0], kv_layer[1], meta.slot_mapping)
             a = kernels.paged_attention(q, kv_layer[0], kv_layer[1], meta, scale)  # (T, H, D)
-        x = x + self.out(a.reshape(n_tok, h * d))
+        x = self.linear_residual(x, a.reshape(n_tok, h * d), self.out)
         m = self.norm(self.mlp_norm, x)
         if cfg.arch == "llama":
-            gate, up = self.gate_up(m).chunk(2, dim=-1)  # (T, F) each
-            return x + self.down(F.silu(gate) * up)
-        return x + self.proj(F.gelu(self.fc(m), approximate="tanh"))  # GPT-2's "gelu_new"
+            gate, up = F.linear(m, self.gate_up.weight).chunk(2, dim=-1)  # (T, F) each
+            return self.linear_residual(x, F.silu(gate) * up, self.down)
+        h = F.gelu(F.linear(m, self.fc.weight, self.fc.bias), approximate="tanh")  # "gelu_new"
+        return self.linear_residual(x, h, self.proj)
+
+    @staticmethod
+    def linear_residual(x, a, lin):
+        """x + a @ W^T (+ b): the residual add rides in the matmul (addmm) when unbiased."""
+        if lin.bias is None:
+            return torch.addmm(x, a, lin.weight.t())
+        return x + F.linear(a, lin.weight, lin.bias)
 
 
 class Transformer(nn.Module):
@@ -219,9 +246,10 @@ class Transformer(nn.Module):
         x = self.tok_emb(tokens)                                   # (T, C)
         if self.cfg.arch == "gpt2":
             x = x + self.pos_emb(positions)
-        inv_freq = self.inv_freq if self.cfg.arch == "llama" else None
+        rope = rope_rotation(positions, self.inv_freq, x.dtype) if self.cfg.arch == "llama" \
+            else None
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, inv_freq, meta, None if kv is None else kv[i])
+            x = block(x, rope, meta, None if kv is None else kv[i])
         if not all_logits:
             x = x[meta.last_token_index]                           # (B, C): the LM head is
         n = self.norm                                              # the costliest matmul

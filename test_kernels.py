@@ -3,22 +3,23 @@ Rungs 1-2 of the equivalence ladder: paged reference attention == dense causal a
 whatever the block size, the block order, the GQA ratio and the ragged lengths.
 """
 import torch
-import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import kernels
 
 
 def dense_oracle(q, k, v):
-    """Independent oracle: torch SDPA over repeated K/V, the last Tq of S positions causal.
-    q (Tq, H, D), k/v (S, K, D) -> (Tq, H, D)."""
-    n_q, n_head, _ = q.shape
+    """Independent oracle, written out: softmax(Q K^T / sqrt(D) + causal mask) V over K/V
+    repeated per query head, the last Tq of S positions. q (Tq, H, D), k/v (S, K, D)."""
+    n_q, n_head, d = q.shape
     n_ctx, n_kv, _ = k.shape
     g = n_head // n_kv
     kr = k.repeat_interleave(g, dim=1).transpose(0, 1)  # (H, S, D)
     vr = v.repeat_interleave(g, dim=1).transpose(0, 1)
-    mask = torch.ones(n_q, n_ctx, dtype=torch.bool).tril(diagonal=n_ctx - n_q)
-    return F.scaled_dot_product_attention(q.transpose(0, 1), kr, vr, attn_mask=mask).transpose(0, 1)
+    scores = q.transpose(0, 1) @ kr.transpose(1, 2) / d ** 0.5  # (H, Tq, S)
+    allowed = torch.ones(n_q, n_ctx, dtype=torch.bool).tril(diagonal=n_ctx - n_q)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ vr).transpose(0, 1)
 
 
 @st.composite
@@ -60,7 +61,7 @@ def build(n_kv, group, d, block_size, ctx, new, seed):
         starts.append(starts[-1] + n)
     new_slots = [s for sl, n in zip(slots_all, new) for s in sl[len(sl) - n:]]
     meta = kernels.AttnMeta(torch.tensor(new_slots), bt, torch.tensor(ctx), torch.tensor(starts),
-                            tuple(ctx), tuple(starts))
+                            tuple(ctx), tuple(starts), block_size)
     return k_cache, v_cache, ks, vs, qs, meta
 
 

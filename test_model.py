@@ -35,7 +35,7 @@ def our_logits(model, ids, paged=False, block_size=4):
     c.append(99, 3)  # occupy some blocks first, so ours are not simply 0, 1, 2...
     slots = c.append(0, n)
     meta = kernels.AttnMeta(torch.tensor(slots), c.block_table_tensor([0]), torch.tensor([n]),
-                            torch.tensor([0, n]), (n,), (0, n))
+                            torch.tensor([0, n]), (n,), (0, n), block_size)
     return model(ids, torch.arange(n), meta, c.kv, all_logits=True)
 
 
