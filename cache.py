@@ -48,6 +48,8 @@ class KVCache:
         self.n_blocks, self.block_size, self.dtype = n_blocks, block_size, dtype
         self.kv = torch.zeros(n_layer, 2, n_blocks, block_size, n_kv_head, head_dim,
                               dtype=dtype, device=device)
+        # per layer (k_cache, v_cache) views, built once: the model indexes these every step
+        self.layers = [(layer[0], layer[1]) for layer in self.kv]
         self.bytes_per_token = bytes_per_token(n_layer, n_kv_head, head_dim, dtype)
         self.free_blocks = deque(range(n_blocks))  # FIFO free list of physical block ids
         self.block_tables: dict[int, list[int]] = {}  # seq id -> physical blocks, in order

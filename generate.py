@@ -278,7 +278,7 @@ class LLM:
             block_size=self.cache.block_size)
         self.peak_blocks = max(self.peak_blocks, self.cache.n_used_blocks)
         logits = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
-                            meta, self.cache.kv)
+                            meta, self.cache.layers)
         for seq, n, _ in batch:
             seq.n_computed += n
         return logits

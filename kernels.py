@@ -50,6 +50,11 @@ class AttnMeta:
         return len(qs) - 1 == qs[-1]
 
     @cached_property
+    def slot_block_offset(self):
+        """(block, offset) of every new token's slot: the same for every layer."""
+        return self.slot_mapping // self.block_size, self.slot_mapping % self.block_size
+
+    @cached_property
     def decode_gather(self):
         """(blocks (B, n_used), valid (B, 1, 1, n_used * P) mask or None) for the decode
         reference: the same for every layer, so computed once per step."""
@@ -72,16 +77,17 @@ class AttnMeta:
 # ------------------------------------------------------------------------------------------
 # store K/V into slots
 
-def store_kv_ref(k, v, k_cache, v_cache, slot_mapping):
-    """Write the new tokens' k, v (T, K, D) into the pool at slot_mapping (T,). In place: the
-    pool is the cache's own tensor, and writing into it is the point."""
-    n_blocks, block_size, n_kv, d = k_cache.shape
-    k_cache.view(n_blocks * block_size, n_kv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(n_blocks * block_size, n_kv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+def store_kv_ref(k, v, k_cache, v_cache, meta: AttnMeta):
+    """Write the new tokens' k, v (T, K, D) into the pool, token t at slot_mapping[t], i.e.
+    block slot // P, offset slot % P. In place: the pool is the cache's own tensor, and
+    writing into it is the point."""
+    block, offset = meta.slot_block_offset
+    k_cache.index_put_((block, offset), k)
+    v_cache.index_put_((block, offset), v)
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping):
-    return store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+def store_kv(k, v, k_cache, v_cache, meta: AttnMeta):
+    return store_kv_ref(k, v, k_cache, v_cache, meta)
 
 
 # ------------------------------------------------------------------------------------------

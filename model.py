@@ -204,9 +204,10 @@ class Block(nn.Module):
         scale = 1.0 / math.sqrt(d)
         if kv_layer is None:  # uncached: attend over this call's tokens only
             a = kernels.dense_causal_attention(q, key, val, meta.query_start_host, scale)
-        else:  # kv_layer (2, N, P, K, D): write this step's K/V, then read the whole context
-            kernels.store_kv(key, val, kv_layer[0], kv_layer[1], meta.slot_mapping)
-            a = kernels.paged_attention(q, kv_layer[0], kv_layer[1], meta, scale)  # (T, H, D)
+        else:  # write this step's K/V into the pool, then read each sequence's whole context
+            k_cache, v_cache = kv_layer                               # (N, P, K, D) each
+            kernels.store_kv(key, val, k_cache, v_cache, meta)
+            a = kernels.paged_attention(q, k_cache, v_cache, meta, scale)  # (T, H, D)
         x = self.linear_residual(x, a.reshape(n_tok, h * d), self.out)
         m = self.norm(self.mlp_norm, x)
         if cfg.arch == "llama":
@@ -217,9 +218,10 @@ class Block(nn.Module):
 
     @staticmethod
     def linear_residual(x, a, lin):
-        """x + a @ W^T (+ b): the residual add rides in the matmul (addmm) when unbiased."""
+        """x + a @ W^T (+ b): the residual add rides in the matmul (addmm) when unbiased.
+        weight_t is a transposed view made once at load (see Transformer.prepare)."""
         if lin.bias is None:
-            return torch.addmm(x, a, lin.weight.t())
+            return torch.addmm(x, a, lin.weight_t)
         return x + F.linear(a, lin.weight, lin.bias)
 
 
@@ -238,10 +240,19 @@ class Transformer(nn.Module):
         inv_freq = rope_inv_freq(cfg) if cfg.arch == "llama" else torch.zeros(0)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def prepare(self):
+        """Per-call work done once after loading: transposed views for addmm."""
+        for block in self.blocks:
+            for lin in (block.out, getattr(block, "down", None), getattr(block, "proj", None)):
+                if lin is not None:
+                    lin.weight_t = lin.weight.t()
+        return self
+
     @torch.inference_mode()
     def forward(self, tokens, positions, meta: kernels.AttnMeta, kv=None, all_logits=False):
         """tokens, positions (T,): a packed ragged batch (see kernels.AttnMeta).
-        kv: the pool (L, 2, N, P, K, D), or None to attend over this call's tokens only.
+        kv: per layer (k_cache, v_cache), each (N, P, K, D) (KVCache.layers), or None to
+        attend over this call's tokens only.
         Returns fp32 logits (B, V) of each sequence's last token, or (T, V) if all_logits."""
         x = self.tok_emb(tokens)                                   # (T, C)
         if self.cfg.arch == "gpt2":
@@ -249,7 +260,7 @@ class Transformer(nn.Module):
         rope = rope_rotation(positions, self.inv_freq, x.dtype) if self.cfg.arch == "llama" \
             else None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, meta, None if kv is None else kv[i])
+            x = block(x, rope, meta, kv[i] if kv is not None else None)
         if not all_logits:
             x = x[meta.last_token_index]                           # (B, C): the LM head is
         n = self.norm                                              # the costliest matmul
@@ -373,7 +384,7 @@ def build_model(cfg, sd, dtype, device, source):
     model.load_state_dict(sd, assign=True, strict=True)
     model.inv_freq = rope_inv_freq(cfg).to(device) if cfg.arch == "llama" else \
         torch.zeros(0, device=device)
-    return model.eval()
+    return model.eval().prepare()
 
 
 # ------------------------------------------------------------------------------------------

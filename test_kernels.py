@@ -52,7 +52,8 @@ def build(n_kv, group, d, block_size, ctx, new, seed):
     ks = [torch.randn(c, n_kv, d, generator=g, dtype=torch.float64) for c in ctx]
     vs = [torch.randn(c, n_kv, d, generator=g, dtype=torch.float64) for c in ctx]
     for k, v, s in zip(ks, vs, slots_all):
-        kernels.store_kv(k, v, k_cache, v_cache, torch.tensor(s))
+        m = kernels.AttnMeta(torch.tensor(s), None, None, None, block_size=block_size)
+        kernels.store_kv(k, v, k_cache, v_cache, m)
     qs = [torch.randn(n, n_kv * group, d, generator=g, dtype=torch.float64) for n in new]
     width = max(len(t) for t in tables)
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables])
@@ -103,7 +104,8 @@ def test_store_kv_writes_only_its_slots():
     k_cache = torch.zeros(4, 2, 1, 3)
     v_cache = torch.zeros(4, 2, 1, 3)
     k = torch.arange(6.).view(2, 1, 3) + 1
-    kernels.store_kv(k, -k, k_cache, v_cache, torch.tensor([5, 0]))
+    meta = kernels.AttnMeta(torch.tensor([5, 0]), None, None, None, block_size=2)
+    kernels.store_kv(k, -k, k_cache, v_cache, meta)
     flat_k = k_cache.view(8, 1, 3)
     assert torch.equal(flat_k[5], k[0]) and torch.equal(flat_k[0], k[1])
     assert torch.equal(v_cache.view(8, 1, 3)[5], -k[0])

@@ -36,7 +36,7 @@ def our_logits(model, ids, paged=False, block_size=4):
     slots = c.append(0, n)
     meta = kernels.AttnMeta(torch.tensor(slots), c.block_table_tensor([0]), torch.tensor([n]),
                             torch.tensor([0, n]), (n,), (0, n), block_size)
-    return model(ids, torch.arange(n), meta, c.kv, all_logits=True)
+    return model(ids, torch.arange(n), meta, c.layers, all_logits=True)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])

@@ -1,0 +1,202 @@
+"""
+Every measurement of the project, peers side by side in the same run, one row per
+configuration with its conditions, and the machine it ran on.
+
+    python bench.py engine     # decode / prefill tokens/s: engine, transformers, matvec floor
+    python bench.py cache      # cached vs uncached time per token as the sequence grows (+PNG)
+    python bench.py all
+
+What this is not: a test (tests assert, this measures) or a load generator. Timings on a
+shared CPU are noisy: compare the ratios of rows measured in the same run, and repeat.
+"""
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from generate import LLM, SamplingParams
+
+# ------------------------------------------------------------------------------------------
+# conditions
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        cpu += f", GPU {torch.cuda.get_device_name()}"
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), commit {commit()}")
+
+
+def commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                             capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True).stdout.strip()
+        return (rev or "unknown") + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def row(*cells):
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
+def timed(fn, repeat):
+    """Median wall time of fn() over `repeat` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------
+# engine vs transformers vs the floor
+
+def decode_and_prefill_rates(gen, n_new, n_prefill, repeat):
+    """The same method for every engine: decode tokens/s = (N - 1) / (T(N) - T(1)) from a short
+    prompt, where T(n) is the time to generate n tokens; prefill tokens/s = n_prefill / T(1)
+    with an n_prefill-token prompt."""
+    t1 = timed(lambda: gen("short", 1), repeat)
+    tn = timed(lambda: gen("short", n_new), repeat)
+    tp = timed(lambda: gen("long", 1), repeat)
+    return (n_new - 1) / (tn - t1), n_prefill / tp
+
+
+def floor_rate(model, dtype, repeat) -> float:
+    """Tokens/s if a decode step were nothing but the model's weight matrix-vector products
+    (every nn.Linear, LM head included, in forward order): the memory-bandwidth limit."""
+    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in mats}
+
+    def step():
+        for w in mats:
+            F.linear(xs[w.shape[1]], w)
+    return 1 / timed(step, max(10, repeat * 5))
+
+
+def bench_engine(args):
+    from transformers import AutoModelForCausalLM
+    g = torch.Generator().manual_seed(0)
+    print(f"\nDecode and prefill, batch 1, greedy. Machine: {machine()}\n")
+    row("dtype", "engine", "decode tok/s", "prefill tok/s", "conditions")
+    row(*["---"] * 5)
+    for dname in args.dtypes:
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dname]
+        llm = LLM(args.model, dtype=dtype)
+        path = llm.model_path
+        vocab = llm.cfg.vocab_size
+        prompts = {"short": torch.randint(0, vocab, (8,), generator=g).tolist(),
+                   "long": torch.randint(0, vocab, (args.prefill,), generator=g).tolist()}
+
+        def ours(which, n):
+            llm.generate([prompts[which]], SamplingParams(max_new_tokens=n, ignore_eos=True))
+        cond = f"prompt 8 / {args.prefill} tokens, {args.new} new"
+        eng = decode_and_prefill_rates(ours, args.new, args.prefill, args.repeat)
+        row(dname, "this engine (paged KV cache)", f"{eng[0]:.1f}", f"{eng[1]:.0f}", cond)
+        flo = floor_rate(llm.model, dtype, args.repeat)
+        row(dname, "floor: weight matvecs alone", f"{flo:.1f}", "", "all nn.Linear weights, 1 token")
+        if path.endswith(".gguf"):
+            hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                      gguf_file=os.path.basename(path), dtype=dtype)
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        hf.eval()
+
+        def theirs(which, n):
+            ids = torch.tensor([prompts[which]])
+            with torch.inference_mode():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                            min_new_tokens=n, do_sample=False, pad_token_id=0)
+        ref = decode_and_prefill_rates(theirs, args.new, args.prefill, args.repeat)
+        row(dname, f"transformers {__import__('transformers').__version__} generate",
+            f"{ref[0]:.1f}", f"{ref[1]:.0f}", cond + ", same GGUF weights")
+        row(dname, "ratio engine / transformers", f"{eng[0] / ref[0]:.2f}x",
+            f"{eng[1] / ref[1]:.2f}x", "same run")
+        row(dname, "ratio engine / floor", f"{eng[0] / flo:.0%}", "", "same run")
+        del llm, hf
+
+
+# ------------------------------------------------------------------------------------------
+# cached vs uncached: the linear-versus-quadratic picture
+
+def bench_cache(args):
+    llm = LLM(args.model, dtype=args.cache_dtype)
+    g = torch.Generator().manual_seed(1)
+    print(f"\nTime per generated token at sequence length L, batch 1, {args.cache_dtype}. "
+          f"Machine: {machine()}\n")
+    row("L", "cached ms/token", "uncached ms/token", "uncached / cached")
+    row(*["---"] * 4)
+    lengths, cached, uncached = [], [], []
+    for n in args.lengths:
+        prompt = torch.randint(0, llm.cfg.vocab_size, (n - 1,), generator=g).tolist()
+
+        def per_token(use_cache, n_new):
+            p = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
+            outs = [llm.generate([prompt], p, use_cache=use_cache)[0] for _ in range(args.repeat)]
+            return statistics.median(o.decode_s / (n_new - 1) for o in outs)
+        per_token(True, 2)  # warm-up
+        c, u = per_token(True, 9), per_token(False, 3)
+        lengths.append(n)
+        cached.append(c * 1e3)
+        uncached.append(u * 1e3)
+        row(n, f"{c * 1e3:.1f}", f"{u * 1e3:.1f}", f"{u / c:.1f}x")
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(lengths, uncached, "o-", label="uncached: recompute the whole sequence")
+        ax.plot(lengths, cached, "o-", label="paged KV cache: one new token")
+        ax.set_xlabel("sequence length L (tokens)")
+        ax.set_ylabel("time per generated token (ms)")
+        ax.set_title(f"SmolLM2-135M, {args.cache_dtype}, batch 1, CPU")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"\nplot: {args.plot}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("what", choices=["engine", "cache", "all"])
+    ap.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded)")
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    ap.add_argument("--new", type=int, default=64, help="generated tokens for decode rates")
+    ap.add_argument("--prefill", type=int, default=256, help="prompt tokens for prefill rates")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per timing (median)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 128, 256, 512, 1024])
+    ap.add_argument("--cache-dtype", default="bfloat16")
+    ap.add_argument("--plot", default="cache_vs_nocache.png", help="PNG path ('' for none)")
+    args = ap.parse_args(argv)
+    try:
+        if args.what in ("engine", "all"):
+            bench_engine(args)
+        if args.what in ("cache", "all"):
+            bench_cache(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
