@@ -55,44 +55,49 @@ def row(*cells):
     print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 
-def timed(fn, repeat):
-    """Median wall time of fn() over `repeat` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 # ------------------------------------------------------------------------------------------
 # engine vs transformers vs the floor
 
-def decode_and_prefill_rates(gen, n_new, n_prefill, repeat):
-    """The same method for every engine: decode tokens/s = (N - 1) / (T(N) - T(1)) from a short
-    prompt, where T(n) is the time to generate n tokens; prefill tokens/s = n_prefill / T(1)
-    with an n_prefill-token prompt."""
-    t1 = timed(lambda: gen("short", 1), repeat)
-    tn = timed(lambda: gen("short", n_new), repeat)
-    tp = timed(lambda: gen("long", 1), repeat)
-    return (n_new - 1) / (tn - t1), n_prefill / tp
-
-
-def floor_rate(model, dtype, repeat) -> float:
-    """Tokens/s if a decode step were nothing but the model's weight matrix-vector products
-    (every nn.Linear, LM head included, in forward order): the memory-bandwidth limit."""
+def matvec_floor(model, dtype):
+    """One 'decode step' that is nothing but the model's weight matrix-vector products (every
+    nn.Linear, LM head included, in forward order): the memory-bandwidth limit of decode."""
     mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in mats}
 
     def step():
         for w in mats:
             F.linear(xs[w.shape[1]], w)
-    return 1 / timed(step, max(10, repeat * 5))
+    return step
+
+
+def interleaved_rates(gens, floor_step, n_new, n_prefill, repeat):
+    """Decode and prefill tokens/s of every engine in `gens`, measured in interleaved rounds
+    (engine A, engine B, floor, engine A, ...) so that a slow spell of a shared machine hits
+    every row alike. The same method for every engine: decode tokens/s = (N - 1) / (T(N) -
+    T(1)) from an 8-token prompt, T(n) the time to generate n tokens; prefill tokens/s =
+    n_prefill / T(1) with an n_prefill-token prompt. Medians over rounds."""
+    times = {name: {"1": [], "n": [], "p": []} for name in gens}
+    floor = []
+    for gen in gens.values():  # warm-up
+        gen("short", 2)
+    for _ in range(repeat):
+        for name, gen in gens.items():
+            for key, which, n in (("1", "short", 1), ("n", "short", n_new), ("p", "long", 1)):
+                t = time.perf_counter()
+                gen(which, n)
+                times[name][key].append(time.perf_counter() - t)
+        for _ in range(5):
+            t = time.perf_counter()
+            floor_step()
+            floor.append(time.perf_counter() - t)
+    med = statistics.median
+    rates = {name: ((n_new - 1) / (med(t["n"]) - med(t["1"])), n_prefill / med(t["p"]))
+             for name, t in times.items()}
+    return rates, 1 / med(floor)
 
 
 def bench_engine(args):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, __version__ as hf_version
     g = torch.Generator().manual_seed(0)
     print(f"\nDecode and prefill, batch 1, greedy. Machine: {machine()}\n")
     row("dtype", "engine", "decode tok/s", "prefill tok/s", "conditions")
@@ -104,14 +109,6 @@ def bench_engine(args):
         vocab = llm.cfg.vocab_size
         prompts = {"short": torch.randint(0, vocab, (8,), generator=g).tolist(),
                    "long": torch.randint(0, vocab, (args.prefill,), generator=g).tolist()}
-
-        def ours(which, n):
-            llm.generate([prompts[which]], SamplingParams(max_new_tokens=n, ignore_eos=True))
-        cond = f"prompt 8 / {args.prefill} tokens, {args.new} new"
-        eng = decode_and_prefill_rates(ours, args.new, args.prefill, args.repeat)
-        row(dname, "this engine (paged KV cache)", f"{eng[0]:.1f}", f"{eng[1]:.0f}", cond)
-        flo = floor_rate(llm.model, dtype, args.repeat)
-        row(dname, "floor: weight matvecs alone", f"{flo:.1f}", "", "all nn.Linear weights, 1 token")
         if path.endswith(".gguf"):
             hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
                                                       gguf_file=os.path.basename(path), dtype=dtype)
@@ -119,17 +116,26 @@ def bench_engine(args):
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         hf.eval()
 
+        def ours(which, n):
+            llm.generate([prompts[which]], SamplingParams(max_new_tokens=n, ignore_eos=True))
+
         def theirs(which, n):
             ids = torch.tensor([prompts[which]])
             with torch.inference_mode():
                 hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                             min_new_tokens=n, do_sample=False, pad_token_id=0)
-        ref = decode_and_prefill_rates(theirs, args.new, args.prefill, args.repeat)
-        row(dname, f"transformers {__import__('transformers').__version__} generate",
-            f"{ref[0]:.1f}", f"{ref[1]:.0f}", cond + ", same GGUF weights")
+        rates, floor = interleaved_rates({"ours": ours, "hf": theirs},
+                                         matvec_floor(llm.model, dtype), args.new, args.prefill,
+                                         args.repeat)
+        eng, ref = rates["ours"], rates["hf"]
+        cond = f"prompt 8 / {args.prefill} tokens, {args.new} new, {args.repeat} rounds"
+        row(dname, "this engine (paged KV cache)", f"{eng[0]:.1f}", f"{eng[1]:.0f}", cond)
+        row(dname, f"transformers {hf_version} generate", f"{ref[0]:.1f}", f"{ref[1]:.0f}",
+            cond + ", same GGUF weights")
+        row(dname, "floor: weight matvecs alone", f"{floor:.1f}", "", "every nn.Linear, 1 token")
         row(dname, "ratio engine / transformers", f"{eng[0] / ref[0]:.2f}x",
             f"{eng[1] / ref[1]:.2f}x", "same run")
-        row(dname, "ratio engine / floor", f"{eng[0] / flo:.0%}", "", "same run")
+        row(dname, "ratio engine / floor", f"{eng[0] / floor:.0%}", "", "same run")
         del llm, hf
 
 
@@ -166,7 +172,8 @@ def bench_cache(args):
         ax.plot(lengths, cached, "o-", label="paged KV cache: one new token")
         ax.set_xlabel("sequence length L (tokens)")
         ax.set_ylabel("time per generated token (ms)")
-        ax.set_title(f"SmolLM2-135M, {args.cache_dtype}, batch 1, CPU")
+        name = os.path.basename(llm.model_path.rstrip("/")).removesuffix(".gguf")
+        ax.set_title(f"{name}, {args.cache_dtype}, batch 1, {llm.device.type.upper()}")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -182,7 +189,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--new", type=int, default=64, help="generated tokens for decode rates")
     ap.add_argument("--prefill", type=int, default=256, help="prompt tokens for prefill rates")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per timing (median)")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved rounds (median)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 128, 256, 512, 1024])
     ap.add_argument("--cache-dtype", default="bfloat16")
     ap.add_argument("--plot", default="cache_vs_nocache.png", help="PNG path ('' for none)")

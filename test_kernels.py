@@ -66,23 +66,25 @@ def build(n_kv, group, d, block_size, ctx, new, seed):
     return k_cache, v_cache, ks, vs, qs, meta
 
 
-@given(paged_batches())
-def test_paged_prefill_attention_matches_dense(case):
+def assert_matches_oracle(attention, case):
     k_cache, v_cache, ks, vs, qs, meta = build(*case)
     d = qs[0].shape[-1]
-    out = kernels.prefill_attention(torch.cat(qs), k_cache, v_cache, meta, d ** -0.5)
+    out = attention(torch.cat(qs), k_cache, v_cache, meta, d ** -0.5)
     want = torch.cat([dense_oracle(q, k, v) for q, k, v in zip(qs, ks, vs)])
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    return meta
+
+
+@given(paged_batches())
+def test_paged_prefill_attention_matches_dense(case):
+    assert_matches_oracle(kernels.prefill_attention, case)
 
 
 @given(paged_batches())
 def test_decode_attention_matches_dense(case):
     n_kv, group, d, block_size, ctx, _, seed = case
-    k_cache, v_cache, ks, vs, qs, meta = build(n_kv, group, d, block_size, ctx, [1] * len(ctx), seed)
-    assert meta.is_decode
-    out = kernels.paged_attention(torch.cat(qs), k_cache, v_cache, meta, d ** -0.5)
-    want = torch.cat([dense_oracle(q, k, v) for q, k, v in zip(qs, ks, vs)])
-    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    one_new_token = (n_kv, group, d, block_size, ctx, [1] * len(ctx), seed)
+    assert assert_matches_oracle(kernels.paged_attention, one_new_token).is_decode
 
 
 @given(paged_batches())
