@@ -391,10 +391,19 @@ def summary_line(llm, outs, wall_s) -> str:
             f"use ({llm.peak_blocks}/{llm.cache.n_blocks} blocks) | {wall_s:.2f} s]")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once: options whose default is 'none' say so in their own words."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(
         description="Generate text with a GPT-2 or Llama-family model through a paged KV cache.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     ap.add_argument("prompt", nargs="?", help="prompt text (streams the completion)")
     ap.add_argument("--model", default=None,
                     help="HF checkpoint directory or .gguf file (default: the embedded "

@@ -107,10 +107,17 @@ def gather_context(k_cache, v_cache, block_table, n_ctx):
 def causal_attention_one(q, k, v, scale):
     """Attention of the last Tq positions of a sequence over all of its S keys.
     q (Tq, H, D), k/v (S, K, D) -> (Tq, H, D). Query i sits at position S - Tq + i and sees keys
-    0..S-Tq+i. GQA: the G query heads that share a KV head become G * Tq query rows of that
-    head, so K/V are never repeated in memory (SDPA accumulates in fp32, fp64 for fp64)."""
+    0..S-Tq+i. K/V are never repeated per query head (GQA); SDPA accumulates in fp32 (fp64 for
+    fp64 inputs)."""
     n_q, n_head, d = q.shape
     n_ctx, n_kv, _ = k.shape
+    if n_q == n_ctx:  # no cached prefix: plain causal attention, SDPA's flash path
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                             v.transpose(0, 1), is_causal=True, scale=scale,
+                                             enable_gqa=True)                # (H, Tq, D)
+        return out.transpose(0, 1)
+    # a cached prefix shifts the causal diagonal: the G query heads sharing a KV head become
+    # G * Tq query rows of that head, with an explicit mask
     g = n_head // n_kv
     rows = q.view(n_q, n_kv, g, d).permute(1, 2, 0, 3).reshape(n_kv, g * n_q, d)  # (K, G Tq, D)
     q_pos = torch.arange(n_ctx - n_q, n_ctx, device=q.device).repeat(g).unsqueeze(1)  # (G Tq, 1)
