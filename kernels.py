@@ -107,24 +107,22 @@ def gather_context(k_cache, v_cache, block_table, n_ctx):
 def causal_attention_one(q, k, v, scale):
     """Attention of the last Tq positions of a sequence over all of its S keys.
     q (Tq, H, D), k/v (S, K, D) -> (Tq, H, D). Query i sits at position S - Tq + i and sees keys
-    0..S-Tq+i. K/V are never repeated per query head (GQA); SDPA accumulates in fp32 (fp64 for
-    fp64 inputs)."""
+    0..S-Tq+i. SDPA accumulates in fp32 (fp64 for fp64 inputs)."""
     n_q, n_head, d = q.shape
     n_ctx, n_kv, _ = k.shape
-    if n_q == n_ctx:  # no cached prefix: plain causal attention, SDPA's flash path
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
-                                             v.transpose(0, 1), is_causal=True, scale=scale,
-                                             enable_gqa=True)                # (H, Tq, D)
-        return out.transpose(0, 1)
-    # a cached prefix shifts the causal diagonal: the G query heads sharing a KV head become
-    # G * Tq query rows of that head, with an explicit mask
     g = n_head // n_kv
-    rows = q.view(n_q, n_kv, g, d).permute(1, 2, 0, 3).reshape(n_kv, g * n_q, d)  # (K, G Tq, D)
-    q_pos = torch.arange(n_ctx - n_q, n_ctx, device=q.device).repeat(g).unsqueeze(1)  # (G Tq, 1)
-    k_pos = torch.arange(n_ctx, device=q.device).unsqueeze(0)                        # (1, S)
-    out = F.scaled_dot_product_attention(rows, k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=k_pos <= q_pos, scale=scale)  # (K, G Tq, D)
-    return out.view(n_kv, g, n_q, d).permute(2, 0, 1, 3).reshape(n_q, n_head, d)
+    qh = q.view(n_q, n_kv, g, d).permute(1, 2, 0, 3)                    # (K, G, Tq, D)
+    # GQA: each KV head is broadcast over its G query heads with a stride-0 expand, no copy.
+    # (enable_gqa=True would do the same but sends CPU SDPA down its slow math path.)
+    kh = k.transpose(0, 1).unsqueeze(1).expand(n_kv, g, n_ctx, d)       # (K, G, S, D)
+    vh = v.transpose(0, 1).unsqueeze(1).expand(n_kv, g, n_ctx, d)
+    if n_q == n_ctx:  # no cached prefix: the plain causal diagonal
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    else:  # a cached prefix shifts the diagonal by S - Tq
+        q_pos = torch.arange(n_ctx - n_q, n_ctx, device=q.device).unsqueeze(1)  # (Tq, 1)
+        k_pos = torch.arange(n_ctx, device=q.device).unsqueeze(0)              # (1, S)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=k_pos <= q_pos, scale=scale)
+    return out.permute(2, 0, 1, 3).reshape(n_q, n_head, d)              # (K, G, Tq, D) -> ...
 
 
 def prefill_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale):
