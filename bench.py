@@ -4,6 +4,7 @@ configuration with its conditions, and the machine it ran on.
 
     python bench.py engine     # decode / prefill tokens/s: engine, transformers, matvec floor
     python bench.py cache      # cached vs uncached time per token as the sequence grows (+PNG)
+    python bench.py overhead   # what one small op costs after a large matmul (the decode gap)
     python bench.py all
 
 What this is not: a test (tests assert, this measures) or a load generator. Timings on a
@@ -140,6 +141,44 @@ def bench_engine(args):
 
 
 # ------------------------------------------------------------------------------------------
+# why decode sits below the floor: the cost of a small op after a large matmul
+
+def bench_overhead(args):
+    """One small elementwise op costs a few microseconds on warm caches, but several times more
+    right after a matmul has streamed megabytes of weights through them. Measured as: the floor
+    loop, the floor loop with one `y + 1` after each matmul, and the same adds alone."""
+    llm = LLM(args.model, dtype=torch.bfloat16)
+    mats = [m.weight for m in llm.model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=torch.bfloat16) for w in mats}
+    y = torch.randn(1, llm.cfg.n_embd, dtype=torch.bfloat16)
+
+    def floor(op):
+        for w in mats:
+            out = F.linear(xs[w.shape[1]], w)
+            if op:
+                out + 1
+
+    def adds():
+        for _ in mats:
+            y + 1
+    times = {"floor": [], "floor+op": [], "ops": []}
+    for _ in range(args.repeat * 4):
+        for key, fn in (("floor", lambda: floor(False)), ("floor+op", lambda: floor(True)),
+                        ("ops", adds)):
+            t = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n = len(mats)
+    print(f"\nCost of one small op (y + 1 on a {llm.cfg.n_embd}-vector), bf16, interleaved rounds. "
+          f"Machine: {machine()}\n")
+    row("where", "us per op")
+    row("---", "---")
+    row("alone, warm caches", f"{med['ops'] / n * 1e6:.1f}")
+    row(f"right after each of the {n} weight matvecs", f"{(med['floor+op'] - med['floor']) / n * 1e6:.1f}")
+
+
+# ------------------------------------------------------------------------------------------
 # cached vs uncached: the linear-versus-quadratic picture
 
 def bench_cache(args):
@@ -184,7 +223,7 @@ def bench_cache(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("what", choices=["engine", "cache", "all"])
+    ap.add_argument("what", choices=["engine", "cache", "overhead", "all"])
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded)")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--new", type=int, default=64, help="generated tokens for decode rates")
@@ -197,6 +236,8 @@ def main(argv=None):
     try:
         if args.what in ("engine", "all"):
             bench_engine(args)
+        if args.what in ("overhead", "all"):
+            bench_overhead(args)
         if args.what in ("cache", "all"):
             bench_cache(args)
     except ValueError as e:

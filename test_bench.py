@@ -18,4 +18,5 @@ def test_bench_all_runs_on_a_tiny_model(tmp_path, capsys):
                      "engine / floor"):
             assert any(r.startswith(f"| {dtype} | ") and name in r for r in rows), (dtype, name)
     assert any(r.startswith("| 16 | ") and r.endswith("x |") for r in rows)
+    assert any(r.startswith("| alone, warm caches | ") for r in rows)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
