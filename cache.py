@@ -1,23 +1,30 @@
 """
-The paged KV cache: one preallocated pool tensor, a block allocator, per-sequence block tables.
+The paged KV cache: one preallocated pool tensor and the block manager that hands out its slots.
 
 A sequence's tokens live in fixed-size blocks of P slots scattered anywhere in the pool; its
 block table lists them in order, so token i of the sequence is at
     slot = block_table[i // P] * P + i % P
 and the pool never fragments: any free block serves any sequence.
 
+Sharing. Every full block is hashed in a chain, hash(parent block's hash, the block's P token
+ids), so equal hashes mean equal prefixes (and a hit re-checks the token ids, in case two
+chains collide). A new sequence maps every leading full block already in the pool instead of
+recomputing it. Blocks carry reference counts: a block held by several sequences (a shared
+prefix, or n samples forked from one prompt) is copied before anyone writes into it
+(copy-on-write). A block nobody references keeps its contents and hash, and stays reusable
+until the allocator needs it: then the least recently freed such block is evicted.
+
 Memory: every token stores one K and one V vector per layer and KV head, so
     bytes_per_token = 2 * n_layer * n_kv_head * head_dim * bytes_per_element.
 
-What this file deliberately is not (yet): prefix sharing, reference counts above one, eviction,
-copy-on-write. It holds no model and runs no attention; it only hands out slots. Every
-operation either succeeds or raises before changing anything, so a failed request never leaves
-the pool inconsistent; `check_invariants()` asserts that.
+What this file deliberately is not: a scheduler (it never decides who runs) or a model (the
+only tensor work here is the pool itself and block copies). Every operation either succeeds or
+raises before changing anything; `check_invariants()` asserts the bookkeeping.
 
 Tests: `pytest test_cache.py`.
 """
 import math
-from collections import deque
+from collections import OrderedDict, deque
 
 import torch
 
@@ -36,6 +43,12 @@ def blocks_for_budget(budget_bytes, block_size, n_layer, n_kv_head, head_dim, dt
     return int(budget_bytes // (block_size * bytes_per_token(n_layer, n_kv_head, head_dim, dtype)))
 
 
+def chain_hash(parent_hash, tokens) -> int:
+    """Hash of a full block: its parent's hash and its own token ids (so it names the whole
+    prefix). Python's hash of a tuple of ints is deterministic across runs."""
+    return hash((parent_hash, tuple(tokens)))
+
+
 class KVCache:
     """The pool `kv` has shape (n_layer, 2, N, P, K, D): kv[layer, 0] is the K cache and
     kv[layer, 1] the V cache of that layer, each (N, P, K, D) and contiguous."""
@@ -51,20 +64,33 @@ class KVCache:
         # per layer (k_cache, v_cache) views, built once: the model indexes these every step
         self.layers = [(layer[0], layer[1]) for layer in self.kv]
         self.bytes_per_token = bytes_per_token(n_layer, n_kv_head, head_dim, dtype)
-        self.free_blocks = deque(range(n_blocks))  # FIFO free list of physical block ids
+        # per physical block
+        self.ref_counts = [0] * n_blocks          # block-table references
+        self.block_hash = [None] * n_blocks       # chain hash of a full block, else None
+        self.block_tokens = [None] * n_blocks     # its P token ids, to re-check a hash hit
+        self.block_parent = [None] * n_blocks     # the parent hash it was chained on
+        # free blocks: never-hashed ones first (deque), then cached ones in LRU order
+        self.free_blocks = deque(range(n_blocks))
+        self.cached_free: OrderedDict[int, None] = OrderedDict()
+        self.hash_to_block: dict[int, int] = {}
+        # per sequence
         self.block_tables: dict[int, list[int]] = {}  # seq id -> physical blocks, in order
-        self.seq_lens: dict[int, int] = {}  # seq id -> tokens stored (or reserved by append)
+        self.seq_tokens: dict[int, list[int]] = {}    # seq id -> token ids it has slots for
 
     # -- queries ----------------------------------------------------------------------------
 
     @property
     def n_free_blocks(self) -> int:
-        """Blocks that no live sequence references."""
-        return len(self.free_blocks)
+        """Blocks that no live sequence references (cached ones included: they are evictable)."""
+        return len(self.free_blocks) + len(self.cached_free)
 
     @property
     def n_used_blocks(self) -> int:
-        return self.n_blocks - len(self.free_blocks)
+        return self.n_blocks - self.n_free_blocks
+
+    @property
+    def n_cached_free_blocks(self) -> int:
+        return len(self.cached_free)
 
     @property
     def bytes_in_use(self) -> int:
@@ -75,49 +101,173 @@ class KVCache:
     def capacity_tokens(self) -> int:
         return self.n_blocks * self.block_size
 
+    @property
+    def seq_lens(self) -> dict:
+        return {s: len(t) for s, t in self.seq_tokens.items()}
+
     def blocks_needed(self, n_tokens) -> int:
         return math.ceil(n_tokens / self.block_size)
 
-    def n_new_blocks(self, seq_id, n_tokens) -> int:
-        """How many fresh blocks appending n_tokens to seq_id (new or live) would take."""
-        n_now = self.seq_lens.get(seq_id, 0)
-        n_have = len(self.block_tables.get(seq_id, ()))
-        return max(0, self.blocks_needed(n_now + n_tokens) - n_have)
-
-    def can_append(self, seq_id, n_tokens) -> bool:
-        return self.n_new_blocks(seq_id, n_tokens) <= len(self.free_blocks)
+    def seq_len(self, seq_id) -> int:
+        return len(self.seq_tokens[seq_id])
 
     def block_table(self, seq_id) -> list[int]:
         return self.block_tables[seq_id]
 
-    def seq_len(self, seq_id) -> int:
-        return self.seq_lens[seq_id]
+    def n_new_blocks(self, seq_id, n_tokens) -> int:
+        """Fresh blocks that appending n_tokens to seq_id (new or live) takes: the blocks its
+        length grows into, plus one copy if its first write lands in a shared block."""
+        n_now = len(self.seq_tokens.get(seq_id, ()))
+        table = self.block_tables.get(seq_id, [])
+        n = max(0, self.blocks_needed(n_now + n_tokens) - len(table))
+        return n + (n_tokens > 0 and self._shared_write_block(seq_id) is not None)
 
-    # -- updates ----------------------------------------------------------------------------
+    def can_append(self, seq_id, n_tokens) -> bool:
+        return self.n_new_blocks(seq_id, n_tokens) <= self.n_free_blocks
 
-    def append(self, seq_id, n_tokens) -> list[int]:
-        """Reserve slots for n_tokens more tokens of seq_id (created if new) and return their
-        slot ids, in order. Raises CacheFull, changing nothing, if the pool is short."""
-        if n_tokens < 0:
-            raise ValueError(f"cannot append {n_tokens} tokens")
-        n_new = self.n_new_blocks(seq_id, n_tokens)
-        if n_new > len(self.free_blocks):
+    def _shared_write_block(self, seq_id):
+        """Index in seq_id's table of the existing block its next token would be written into,
+        if another sequence references it too (so it must be copied first); else None."""
+        table = self.block_tables.get(seq_id, [])
+        i = len(self.seq_tokens.get(seq_id, ())) // self.block_size
+        if i < len(table) and self.ref_counts[table[i]] > 1:
+            return i
+        return None
+
+    # -- block lifecycle --------------------------------------------------------------------
+
+    def _allocate(self) -> int:
+        """A block with no references: a never-hashed one if any, else evict the least
+        recently freed cached block (its hash is forgotten)."""
+        if self.free_blocks:
+            block = self.free_blocks.popleft()
+        else:
+            block, _ = self.cached_free.popitem(last=False)
+            self._unhash(block)
+        self.ref_counts[block] = 1
+        return block
+
+    def _take(self, block):
+        """Reference a block found by hash (it may be sitting in the cached free list)."""
+        if self.ref_counts[block] == 0:
+            del self.cached_free[block]
+        self.ref_counts[block] += 1
+
+    def _release(self, block):
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            h = self.block_hash[block]
+            if h is not None and self.hash_to_block.get(h) == block:
+                self.cached_free[block] = None  # most recently freed: evicted last
+            else:
+                self._unhash(block)
+                self.free_blocks.append(block)
+
+    def _unhash(self, block):
+        h = self.block_hash[block]
+        if h is not None and self.hash_to_block.get(h) == block:
+            del self.hash_to_block[h]
+        self.block_hash[block] = self.block_tokens[block] = self.block_parent[block] = None
+
+    def _copy_block(self, src) -> int:
+        """Copy-on-write: a private copy of src's contents, every layer, K and V."""
+        dst = self._allocate()
+        self.kv[:, :, dst] = self.kv[:, :, src]
+        self._release(src)
+        return dst
+
+    # -- sequence operations ----------------------------------------------------------------
+
+    def share_prefix(self, seq_id, tokens) -> int:
+        """Start seq_id (new) on the leading full blocks of `tokens` already in the pool and
+        return how many tokens it got for free. If every token is cached, the last one is
+        still left to compute (its logits are needed): the count is then len(tokens) - 1, and
+        writing that token copies the block first if it is shared."""
+        if seq_id in self.block_tables:
+            raise ValueError(f"sequence {seq_id} already exists")
+        p, parent, hits = self.block_size, None, []
+        for i in range(len(tokens) // p):
+            block_toks = tuple(tokens[i * p:(i + 1) * p])
+            h = chain_hash(parent, block_toks)
+            block = self.hash_to_block.get(h)
+            if block is None or self.block_tokens[block] != block_toks:
+                break  # a miss (or a collision: the token check catches it)
+            hits.append(block)
+            parent = h
+        for block in hits:
+            self._take(block)
+        n_cached = min(len(hits) * p, len(tokens) - 1)
+        self.block_tables[seq_id] = hits
+        self.seq_tokens[seq_id] = list(tokens[:n_cached])
+        return n_cached
+
+    def append(self, seq_id, tokens) -> list[int]:
+        """Give the next len(tokens) tokens of seq_id (created if new) their slots, and return
+        the slot ids in order. Copies a shared block before writing into it; hashes every block
+        this fills. Raises CacheFull, changing nothing, if the pool is short."""
+        n_new = self.n_new_blocks(seq_id, len(tokens))
+        if n_new > self.n_free_blocks:
             raise CacheFull(f"sequence {seq_id} needs {n_new} more blocks of {self.block_size} "
-                            f"tokens, {len(self.free_blocks)} of {self.n_blocks} are free")
+                            f"tokens, {self.n_free_blocks} of {self.n_blocks} are free")
         table = self.block_tables.setdefault(seq_id, [])
-        start = self.seq_lens.get(seq_id, 0)
-        for _ in range(n_new):
-            table.append(self.free_blocks.popleft())
-        self.seq_lens[seq_id] = start + n_tokens
-        p = self.block_size
-        return [table[i // p] * p + i % p for i in range(start, start + n_tokens)]
+        seq = self.seq_tokens.setdefault(seq_id, [])
+        p, start = self.block_size, len(seq)
+        if tokens:
+            i = self._shared_write_block(seq_id)
+            if i is not None:
+                table[i] = self._copy_block(table[i])
+            elif start // p < len(table):  # writing into our own block: its hash goes stale
+                self._unhash(table[start // p])
+        while len(table) < self.blocks_needed(start + len(tokens)):
+            table.append(self._allocate())
+        seq.extend(tokens)
+        for i in range(start // p, len(seq) // p):  # blocks filled by this append
+            parent = self.block_hash[table[i - 1]] if i else None
+            self._hash(table[i], parent, seq[i * p:(i + 1) * p])
+        return [table[i // p] * p + i % p for i in range(start, len(seq))]
+
+    def _hash(self, block, parent, tokens):
+        h = chain_hash(parent, tokens)
+        self.block_hash[block], self.block_parent[block] = h, parent
+        self.block_tokens[block] = tuple(tokens)
+        self.hash_to_block.setdefault(h, block)  # an equal block already cached stays canonical
+
+    def fork(self, parent_id, child_id):
+        """child_id shares every block of parent_id (n samples of one prompt): no copy until
+        one of them writes into a shared block."""
+        if child_id in self.block_tables:
+            raise ValueError(f"sequence {child_id} already exists")
+        table = self.block_tables[parent_id]
+        for block in table:
+            self.ref_counts[block] += 1
+        self.block_tables[child_id] = list(table)
+        self.seq_tokens[child_id] = list(self.seq_tokens[parent_id])
+
+    def truncate(self, seq_id, n_drop):
+        """Drop the last n_drop tokens of seq_id and release the blocks they alone needed
+        (speculative rollback, conversation edits). Released blocks keep their hashes."""
+        seq = self.seq_tokens[seq_id]
+        if not 0 <= n_drop <= len(seq):
+            raise ValueError(f"cannot drop {n_drop} of {len(seq)} tokens")
+        del seq[len(seq) - n_drop:]
+        table = self.block_tables[seq_id]
+        while len(table) > self.blocks_needed(len(seq)):
+            self._release(table.pop())
 
     def free(self, seq_id):
-        """Return all blocks of seq_id to the pool. Freeing an unknown sequence is a no-op, so a
-        cleanup path may call it unconditionally."""
-        for block in self.block_tables.pop(seq_id, []):
+        """Release every block of seq_id, last first (so a prefix outlives its tail in the LRU).
+        Freeing an unknown sequence is a no-op, so a cleanup path may call it unconditionally."""
+        for block in reversed(self.block_tables.pop(seq_id, [])):
+            self._release(block)
+        self.seq_tokens.pop(seq_id, None)
+
+    def forget_cached(self):
+        """Drop the hashes of every unreferenced block (after a failed step, whose blocks were
+        hashed but may never have been written)."""
+        while self.cached_free:
+            block, _ = self.cached_free.popitem(last=False)
+            self._unhash(block)
             self.free_blocks.append(block)
-        self.seq_lens.pop(seq_id, None)
 
     def block_table_tensor(self, seq_ids, device=None) -> torch.Tensor:
         """(B, max_blocks) int64 block tables of the given sequences, padded with block 0
@@ -132,15 +282,37 @@ class KVCache:
     # -- invariants -------------------------------------------------------------------------
 
     def check_invariants(self):
-        """Assert the bookkeeping is consistent: every block is either free or held by exactly
-        one sequence, none is lost, and every table holds exactly the blocks its length needs."""
-        held = [b for t in self.block_tables.values() for b in t]
-        free = list(self.free_blocks)
-        assert len(set(held)) == len(held), "a block is held twice"
-        assert len(set(free)) == len(free), "a block is on the free list twice"
-        assert not set(held) & set(free), "a block is both free and held"
-        assert sorted(held + free) == list(range(self.n_blocks)), "a block is lost"
-        assert self.block_tables.keys() == self.seq_lens.keys(), "tables and lengths disagree"
-        for s, t in self.block_tables.items():
-            assert len(t) == self.blocks_needed(self.seq_lens[s]), f"sequence {s} has {len(t)} " \
-                f"blocks for {self.seq_lens[s]} tokens"
+        """Assert the bookkeeping: reference counts equal block-table references; the free
+        and used sets are disjoint and together every block (none lost); every hash entry
+        points to a block whose tokens and parent give that hash; cached free blocks are
+        exactly the hashed unreferenced ones; every table fits its sequence's length, and the
+        hashed blocks of a sequence hold its tokens."""
+        refs = [0] * self.n_blocks
+        for table in self.block_tables.values():
+            for b in table:
+                refs[b] += 1
+        assert refs == self.ref_counts, "reference counts differ from block-table references"
+        free, cached = list(self.free_blocks), list(self.cached_free)
+        assert len(set(free + cached)) == len(free) + len(cached), "a block is free twice"
+        used = {b for b in range(self.n_blocks) if refs[b]}
+        assert not used & set(free + cached), "a block is both free and used"
+        assert used | set(free) | set(cached) == set(range(self.n_blocks)), "a block is lost"
+        for h, b in self.hash_to_block.items():
+            assert self.block_hash[b] == h, f"hash entry of block {b} is stale"
+            assert chain_hash(self.block_parent[b], self.block_tokens[b]) == h
+            assert len(self.block_tokens[b]) == self.block_size
+        for b in cached:
+            assert self.hash_to_block.get(self.block_hash[b]) == b, f"cached block {b} unhashed"
+        for b in free:
+            assert self.block_hash[b] is None, f"free block {b} keeps a hash"
+        assert self.block_tables.keys() == self.seq_tokens.keys(), "tables and tokens disagree"
+        p = self.block_size
+        for s, table in self.block_tables.items():
+            seq = self.seq_tokens[s]
+            assert len(table) == self.blocks_needed(len(seq)) or \
+                (len(table) == self.blocks_needed(len(seq) + 1) and len(seq) % p == p - 1), \
+                f"sequence {s} has {len(table)} blocks for {len(seq)} tokens"
+            for i, b in enumerate(table):
+                if self.block_hash[b] is not None and (i + 1) * p <= len(seq):
+                    assert self.block_tokens[b] == tuple(seq[i * p:(i + 1) * p]), \
+                        f"block {b} of sequence {s} holds other tokens"

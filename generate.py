@@ -15,8 +15,12 @@ prompts, or one token per running sequence), the cache gives each new token a sl
 packs them into one ragged batch (no padding) and calls the model once, and every sequence
 whose tokens are all computed samples its next token.
 
-What this is not: a server, or a prefix-sharing scheduler (every request prefills its own
-prompt; n_cached_tokens stays 0). Test: `pytest test_generate.py`.
+Prompts that share a prefix share its KV blocks (cache.py): a request prefills only what the
+pool does not already hold, and reports the rest as n_cached_tokens. A pool of any size serves
+any number of requests: the scheduler admits what fits, chunks long prompts, and preempts (and
+later recomputes) the newest sequence when the pool runs dry.
+
+What this is not: a server (no network front end, no async API). Test: `pytest test_generate.py`.
 """
 import argparse
 import math
@@ -45,6 +49,7 @@ class SamplingParams:
     seed: int | None = None      # per-request RNG seed: same seed, same sample, in any batch
     stop: tuple = ()             # strings that end the completion (not included in the text)
     ignore_eos: bool = False     # keep going past the end-of-sequence token (benchmarks)
+    n: int = 1                   # samples per prompt: one prefill, forked (copy-on-write)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -59,6 +64,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n}")
 
 
 @dataclass
@@ -83,6 +90,8 @@ class Sequence:
     rng: torch.Generator
     detok: model_mod.StreamDecoder
     n_computed: int = 0
+    n_cached: int | None = None     # prompt tokens found in the cache at first admission
+    forks: list = field(default_factory=list)  # samples 2..n, forked once the prompt is done
     text: str = ""
     n_emitted: int = 0              # characters of text already streamed
     finish_reason: str | None = None
@@ -211,10 +220,15 @@ class LLM:
         for prompt, p in zip(prompts, params):  # validate every request before running any
             ids = self.encode_prompt(prompt)
             self.check_fits(len(ids), p)
-            seed = p.seed if p.seed is not None else random.randrange(2 ** 63)
-            seqs.append(Sequence(self._next_id, ids, len(ids), p,
-                                 torch.Generator().manual_seed(seed), self.tokenizer.stream()))
-            self._next_id += 1
+            seed = p.seed if p.seed is not None else random.randrange(2 ** 62)
+            samples = []
+            for i in range(p.n):  # sample i draws from its own RNG, seeded seed + i
+                samples.append(Sequence(self._next_id, list(ids), len(ids), p,
+                                        torch.Generator().manual_seed(seed + i),
+                                        self.tokenizer.stream()))
+                self._next_id += 1
+            samples[0].forks = samples[1:]
+            seqs += samples
         return seqs
 
     # -- one step -----------------------------------------------------------------------------
@@ -238,17 +252,27 @@ class LLM:
                 if seq not in running:
                     break
             if seq in running and n:
-                batch.append((seq, n, self.cache.append(seq.id, n)))
+                batch.append((seq, n, self.reserve(seq, n)))
                 budget -= n
         while waiting and budget > 0:
             seq = waiting[0]
+            # map the prompt's leading blocks already in the pool: only the rest is prefilled
+            seq.n_computed = self.cache.share_prefix(seq.id, seq.tokens)
             n = min(len(seq.tokens) - seq.n_computed, budget)
             if not self.cache.can_append(seq.id, n):
+                self.cache.free(seq.id)  # give the mapped blocks back; try again next step
+                seq.n_computed = 0
                 break
+            if seq.n_cached is None:
+                seq.n_cached = seq.n_computed
             running.append(waiting.popleft())
-            batch.append((seq, n, self.cache.append(seq.id, n)))
+            batch.append((seq, n, self.reserve(seq, n)))
             budget -= n
         return batch
+
+    def reserve(self, seq, n):
+        """Slots for seq's next n tokens (which the coming forward pass computes)."""
+        return self.cache.append(seq.id, seq.tokens[seq.n_computed:seq.n_computed + n])
 
     def preempt(self, seq, running, waiting):
         self.n_preemptions += 1
@@ -324,7 +348,8 @@ class LLM:
         emit = (lambda s, piece: on_text(index[s.id], piece)) if on_text else None
         t0 = time.perf_counter()
         self.peak_blocks = 0
-        waiting, running = deque(seqs), []
+        forked = {c.id for s in seqs for c in s.forks}  # they start when their prompt is done
+        waiting, running = deque(s for s in seqs if s.id not in forked), []
         try:
             while waiting or running:
                 if use_cache:
@@ -341,16 +366,33 @@ class LLM:
                 greedy = logits[rows].argmax(-1).tolist()  # one host sync for the whole batch
                 now = time.perf_counter()
                 for (i, seq), g in zip(ready, greedy):
-                    self.accept(seq, logits[i], g, now, emit)
-                    if seq.finish_reason:
-                        running.remove(seq)
-                        self.cache.free(seq.id)
-                        if on_finish:
-                            on_finish(index[seq.id], self.completion(seq, t0))
+                    for child in seq.forks:  # samples 2..n share the prompt's blocks
+                        self.fork(seq, child, running, use_cache)
+                    for s in [seq] + seq.forks:
+                        self.accept(s, logits[i], g, now, emit)
+                        if s.finish_reason:
+                            running.remove(s)
+                            self.cache.free(s.id)
+                            if on_finish:
+                                on_finish(index[s.id], self.completion(s, t0))
+                    seq.forks = []
+        except BaseException:
+            # this step's blocks may be hashed but never written: do not let them be reused
+            for s in seqs:
+                self.cache.free(s.id)
+            self.cache.forget_cached()
+            raise
         finally:  # on any failure, give every block back: the pool stays consistent
             for s in seqs:
                 self.cache.free(s.id)
         return [self.completion(s, t0) for s in seqs]
+
+    def fork(self, parent, child, running, use_cache):
+        """Start sample `child` from `parent`'s finished prompt: it shares every block."""
+        if use_cache:
+            self.cache.fork(parent.id, child.id)
+        child.n_computed, child.n_cached = parent.n_computed, parent.n_cached
+        running.insert(running.index(parent) + 1, child)
 
     def run_uncached(self, seqs):
         """All tokens of every sequence, no cache: attention over this call's tokens only."""
@@ -370,7 +412,7 @@ class LLM:
     @staticmethod
     def completion(seq, t0):
         return Completion(text=seq.text, token_ids=list(seq.out_ids), n_prompt_tokens=seq.n_prompt,
-                          n_cached_tokens=0, ttft_s=(seq.t_first or t0) - t0,
+                          n_cached_tokens=seq.n_cached or 0, ttft_s=(seq.t_first or t0) - t0,
                           decode_s=(seq.t_end or seq.t_first or t0) - (seq.t_first or t0),
                           finish_reason=seq.finish_reason or "")
 

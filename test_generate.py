@@ -49,14 +49,15 @@ def test_cached_logits_match_uncached_at_every_step(llms, arch, prompts, n_new):
     seqs = llm.make_sequences([p + torch.randint(0, 290, (n_new,), generator=g).tolist()
                                for p in prompts], SamplingParams(max_new_tokens=1))
     try:
-        batch = [(s, len(p), llm.cache.append(s.id, len(p))) for s, p in zip(seqs, prompts)]
+        batch = [(s, len(p), llm.cache.append(s.id, p)) for s, p in zip(seqs, prompts)]
         while batch:
             logits = llm.run_batch(batch)
             llm.cache.check_invariants()
             for row, (s, _, _) in enumerate(batch):
                 want = dense_logits(llm, s.tokens[:s.n_computed])[-1]
                 torch.testing.assert_close(logits[row], want, rtol=1e-4, atol=1e-4)
-            batch = [(s, 1, llm.cache.append(s.id, 1)) for s in seqs if s.n_computed < len(s.tokens)]
+            batch = [(s, 1, llm.cache.append(s.id, s.tokens[s.n_computed:s.n_computed + 1]))
+                     for s in seqs if s.n_computed < len(s.tokens)]
     finally:
         for s in seqs:
             llm.cache.free(s.id)

@@ -32,8 +32,8 @@ def our_logits(model, ids, paged=False, block_size=4):
     cfg = model.cfg
     c = KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, n_blocks=64, block_size=block_size,
                 dtype=model.tok_emb.weight.dtype)
-    c.append(99, 3)  # occupy some blocks first, so ours are not simply 0, 1, 2...
-    slots = c.append(0, n)
+    c.append(99, [0, 0, 0])  # occupy some blocks first, so ours are not simply 0, 1, 2...
+    slots = c.append(0, ids.tolist())
     meta = kernels.AttnMeta(torch.tensor(slots), c.block_table_tensor([0]), torch.tensor([n]),
                             torch.tensor([0, n]), (n,), (0, n), block_size)
     return model(ids, torch.arange(n), meta, c.layers, all_logits=True)
