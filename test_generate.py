@@ -258,3 +258,104 @@ def test_golden_smollm2_continuation():
     [out] = llm.generate(["Once upon a time, there was a little"], SamplingParams(max_new_tokens=14))
     assert out.text.startswith(" girl named Emma who loved to play in the sun.")
     assert str(smollm2_path()) == llm.model_path
+
+
+# ------------------------------------------------------------------------------------------
+# prefix sharing, forks
+
+def cold_logits_and_tokens(path, prompt, n_new):
+    cold = LLM(path, dtype="float32", block_size=4)
+    [out] = cold.generate([prompt], SamplingParams(max_new_tokens=n_new, ignore_eos=True))
+    return dense_logits(cold, prompt)[-1], out.token_ids
+
+
+def first_step_logits(llm, prompt):
+    """Admit one prompt through the real scheduler (prefix hits included) and run its
+    prefill: (logits of its last position, tokens it got from the cache)."""
+    [seq] = llm.make_sequences([prompt], SamplingParams(max_new_tokens=1))
+    running, waiting = [], __import__("collections").deque([seq])
+    try:
+        batch = llm.schedule(running, waiting)
+        return llm.run_batch(batch)[0], seq.n_cached
+    finally:
+        llm.cache.free(seq.id)
+
+
+@given(prefix=st.lists(st.integers(0, 290), min_size=1, max_size=20),
+       suffix_a=st.lists(st.integers(0, 290), max_size=6),
+       suffix_b=st.lists(st.integers(0, 290), max_size=6),
+       churn=st.lists(st.lists(st.integers(0, 290), min_size=1, max_size=12), max_size=3),
+       n_blocks=st.sampled_from([12, 40]))
+def test_prefix_hit_equals_cold_prefill(tiny_dir, prefix, suffix_a, suffix_b, churn, n_blocks):
+    """Warm the pool with A = prefix + suffix_a (and maybe churn that evicts some of it), then
+    B = prefix + suffix_b reuses what is left: same logits and greedy tokens as a cold run,
+    and n_cached_tokens is exactly the cached full blocks (all but the last token at most)."""
+    path = str(tiny_dir("llama"))
+    llm = LLM(path, dtype="float32", block_size=4, n_blocks=n_blocks)
+    a, b = prefix + suffix_a, prefix + suffix_b
+    p = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    [out_a] = llm.generate([a], p)
+    for c in churn:
+        llm.generate([c], p)
+    llm.cache.check_invariants()
+    logits, n_cached = first_step_logits(llm, b)
+    want_logits, want_tokens = cold_logits_and_tokens(path, b, 3)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    [out_b] = llm.generate([b], p)  # B's own full blocks are cached now: a second hit
+    assert out_b.token_ids == want_tokens
+    assert out_b.n_cached_tokens == min(len(b) // 4 * 4, len(b) - 1) or churn or n_blocks < 40
+    computed_a = a + out_a.token_ids[:-1]  # the last sampled token never went through the cache
+    lcp = next((i for i, (x, y) in enumerate(zip(computed_a, b)) if x != y),
+               min(len(computed_a), len(b)))
+    if not churn:  # nothing evicted: every shared full block is a hit
+        assert n_cached == min(lcp // 4 * 4, len(b) - 1)
+    assert n_cached <= min(lcp // 4 * 4, len(b) - 1)
+    llm.cache.check_invariants()
+
+
+def test_shared_system_prompt_is_prefilled_once(llms):
+    llm = llms["llama"]
+    system = list(range(1, 41))  # 10 blocks of 4
+    outs = llm.generate([system + [50 + i] for i in range(4)],
+                        SamplingParams(max_new_tokens=2, ignore_eos=True))
+    # all four are admitted in one step, so the first maps nothing; later calls hit
+    [again] = llm.generate([system + [99]], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert again.n_cached_tokens == 40 and outs[0].n_prompt_tokens == 41
+
+
+@given(seed=st.integers(0, 1000), n=st.integers(2, 4), prompt_len=st.integers(1, 9))
+def test_forked_samples_equal_each_sample_alone(llms, seed, n, prompt_len):
+    llm = llms["gpt2"]
+    prompt = list(range(10, 10 + prompt_len))
+    p = SamplingParams(max_new_tokens=6, temperature=1.0, seed=seed, n=n, ignore_eos=True)
+    outs = llm.generate([prompt, [7, 7]], p)
+    assert len(outs) == 2 * n
+    for i in range(n):
+        [alone] = llm.generate([prompt], SamplingParams(max_new_tokens=6, temperature=1.0,
+                                                         seed=seed + i, ignore_eos=True))
+        assert outs[i].token_ids == alone.token_ids
+    llm.cache.check_invariants()
+    assert llm.cache.n_free_blocks == llm.cache.n_blocks
+
+
+def test_many_requests_complete_in_a_small_pool(tiny_dir):
+    """Hundreds of requests through a pool that holds a handful: none lost, all correct."""
+    llm = LLM(str(tiny_dir("llama")), dtype="float32", block_size=4, n_blocks=16,
+              max_batch_tokens=32)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 290, (int(torch.randint(1, 12, (1,), generator=g)),),
+                             generator=g).tolist() for _ in range(200)]
+    p = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    done = []
+    outs = llm.generate(prompts, p, on_finish=lambda i, o: done.append(i))
+    assert sorted(done) == list(range(200)) and all(len(o.token_ids) == 8 for o in outs)
+    ample = LLM(str(tiny_dir("llama")), dtype="float32", block_size=4)
+    assert [o.token_ids for o in outs[:20]] == [o.token_ids for o in ample.generate(prompts[:20], p)]
+
+
+def test_chat_turns_reuse_the_conversation_cache(llms):
+    r = run_cli("--chat", "--model", llms["gpt2"].model_path, "--max-new-tokens", "6",
+                "--dtype", "float32", "--ignore-eos", stdin="the quick brown fox\nand the dog\n")
+    assert r.returncode == 0, r.stderr
+    cached = [int(x) for x in __import__("re").findall(r"cached (\d+)", r.stderr)]
+    assert len(cached) == 2 and cached[0] == 0 and cached[1] > 0
