@@ -482,7 +482,10 @@ def read_prompts(path) -> list:
 
 
 def run_chat(llm, params):
-    messages = []
+    """An interactive conversation. Each turn's prompt is the previous prompt's token ids, the
+    reply's ids and the new message: an exact extension, so the pool (which keeps freed
+    blocks) serves everything but the new tail, and the summary line shows it as cached."""
+    messages, history_ids, history_text = [], [], ""
     print("chat: type a message, or an empty line / Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
@@ -492,12 +495,22 @@ def run_chat(llm, params):
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        prompt = model_mod.apply_chat_template(llm.tokenizer, messages)
+        text = model_mod.apply_chat_template(llm.tokenizer, messages)
+        if history_ids and text.startswith(history_text):
+            prompt = history_ids + llm.tokenizer.encode(text[len(history_text):], add_bos=False)
+        else:
+            prompt = llm.tokenizer.encode(text)
         t0 = time.perf_counter()
         [out] = llm.generate([prompt], params, on_text=lambda i, s: print(s, end="", flush=True))
         print()
         print(summary_line(llm, [out], time.perf_counter() - t0), file=sys.stderr)
         messages.append({"role": "assistant", "content": out.text})
+        history_ids, history_text = prompt + out.token_ids, text + out.text
+
+
+def progress_bar(n_done, n_total, width=30) -> str:
+    filled = width * n_done // n_total
+    return f"[{'#' * filled}{'.' * (width - filled)}] {n_done}/{n_total} requests done"
 
 
 def main(argv=None):
@@ -526,7 +539,7 @@ def main(argv=None):
 
             def progress(i, out):
                 done.append(i)
-                print(f"\r{len(done)}/{len(prompts)} requests done", end="", file=sys.stderr,
+                print("\r" + progress_bar(len(done), len(prompts)), end="", file=sys.stderr,
                       flush=True)
             outs = llm.generate(prompts, params, use_cache, on_finish=progress)
             print(file=sys.stderr)
