@@ -5,6 +5,9 @@ configuration with its conditions, and the machine it ran on.
     python bench.py engine     # decode / prefill tokens/s: engine, transformers, matvec floor
     python bench.py cache      # cached vs uncached time per token as the sequence grows (+PNG)
     python bench.py overhead   # what one small op costs after a large matmul (the decode gap)
+    python bench.py prefix     # TTFT with a cached 1000-token system prompt vs cold
+    python bench.py throughput # 64 random requests: continuous batching vs transformers
+    python bench.py capacity   # sequences that fit a KV budget, with and without sharing
     python bench.py all
 
 What this is not: a test (tests assert, this measures) or a load generator. Timings on a
@@ -179,6 +182,121 @@ def bench_overhead(args):
 
 
 # ------------------------------------------------------------------------------------------
+# prefix sharing: TTFT with a cached system prompt, throughput, capacity
+
+def bench_prefix(args):
+    """TTFT of a request whose long prefix (a system prompt) is already in the pool, against
+    the same request cold (the pool's cached blocks forgotten first). Interleaved rounds."""
+    llm = LLM(args.model, dtype=args.cache_dtype)
+    g = torch.Generator().manual_seed(2)
+    system = torch.randint(0, llm.cfg.vocab_size, (args.prefix,), generator=g).tolist()
+    p = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    cold, warm, n_cached = [], [], 0
+    for r in range(args.repeat + 1):
+        question = torch.randint(0, llm.cfg.vocab_size, (16,), generator=g).tolist()
+        llm.cache.forget_cached()
+        [c] = llm.generate([system + question], p)         # cold: prefills everything
+        [w] = llm.generate([system + question[::-1]], p)   # warm: the system prompt is cached
+        if r:  # the first round is a warm-up
+            cold.append(c.ttft_s)
+            warm.append(w.ttft_s)
+            n_cached = w.n_cached_tokens
+    med = statistics.median
+    print(f"\nTTFT with a cached {args.prefix}-token prefix, 16 new prompt tokens, "
+          f"{args.cache_dtype}, {args.repeat} interleaved rounds. Machine: {machine()}\n")
+    row("request", "TTFT ms", "prompt tokens prefilled")
+    row("---", "---", "---")
+    row("cold (nothing cached)", f"{med(cold) * 1e3:.0f}", args.prefix + 16)
+    row("prefix cached", f"{med(warm) * 1e3:.0f}", args.prefix + 16 - n_cached)
+    row("cached / cold", f"{med(warm) / med(cold):.0%}", "same run")
+
+
+def bench_throughput(args):
+    """nano-vllm's workload scaled down to a CPU: random token ids, random prompt and output
+    lengths, ignore_eos. The peer runs transformers' batched generate on all requests at once
+    (left padding; it must generate the longest output for every row, so its rate counts only
+    the tokens that were asked for, like ours)."""
+    from transformers import AutoModelForCausalLM
+    if not 1 <= args.in_min <= args.in_max or not 1 <= args.out_min <= args.out_max:
+        raise ValueError("need 1 <= --in-min <= --in-max and 1 <= --out-min <= --out-max")
+    llm = LLM(args.model, dtype=args.cache_dtype)
+    g = torch.Generator().manual_seed(3)
+    n = args.requests
+    in_lens = torch.randint(args.in_min, args.in_max + 1, (n,), generator=g).tolist()
+    out_lens = torch.randint(args.out_min, args.out_max + 1, (n,), generator=g).tolist()
+    prompts = [torch.randint(0, llm.cfg.vocab_size, (k,), generator=g).tolist() for k in in_lens]
+    params = [SamplingParams(max_new_tokens=k, ignore_eos=True) for k in out_lens]
+    n_out = sum(out_lens)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    ours = time.perf_counter() - t
+    assert sum(len(o.token_ids) for o in outs) == n_out
+    path = llm.model_path
+    dtype = llm.dtype
+    del llm
+    if path.endswith(".gguf"):
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                  gguf_file=os.path.basename(path), dtype=dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    hf.eval()
+    width = max(in_lens)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    for i, pr in enumerate(prompts):  # left padding, as decoder-only batching needs
+        ids[i, width - len(pr):] = torch.tensor(pr)
+        mask[i, width - len(pr):] = 1
+    t = time.perf_counter()
+    with torch.inference_mode():
+        hf.generate(ids, attention_mask=mask, max_new_tokens=max(out_lens),
+                    min_new_tokens=max(out_lens), do_sample=False, pad_token_id=0)
+    theirs = time.perf_counter() - t
+    print(f"\nThroughput: {n} requests, prompt {args.in_min}-{args.in_max} and output "
+          f"{args.out_min}-{args.out_max} random tokens, {args.cache_dtype}, ignore_eos. "
+          f"Machine: {machine()}\n")
+    row("engine", "seconds", "output tok/s", "conditions")
+    row("---", "---", "---", "---")
+    row("this engine (continuous batching)", f"{ours:.1f}", f"{n_out / ours:.1f}",
+        f"{n_out} output tokens")
+    row(f"transformers {__import__('transformers').__version__} batched generate",
+        f"{theirs:.1f}", f"{n_out / theirs:.1f}", "one padded batch, same requests")
+    row("ratio", "", f"{theirs / ours:.2f}x", "same run")
+
+
+def bench_capacity(args):
+    """How many sequences a fixed KV budget holds at once, for a workload where every request
+    starts with the same system prompt: block bookkeeping only (no model), with sharing and
+    with every prompt made unique."""
+    from cache import KVCache, blocks_for_budget
+    llm_cfg = dict(n_layer=30, n_kv_head=3, head_dim=64, dtype=torch.bfloat16)  # SmolLM2-135M
+    budget = args.budget_mib << 20
+    n_blocks = blocks_for_budget(budget, 16, **llm_cfg)
+    g = torch.Generator().manual_seed(4)
+    system = torch.randint(0, 49152, (args.prefix,), generator=g).tolist()
+
+    def fill(shared):
+        c = KVCache(1, 1, 1, n_blocks, 16)  # the same bookkeeping, without the tensor
+        n = 0
+        while True:
+            head = system if shared else torch.randint(0, 49152, (args.prefix,), generator=g).tolist()
+            tokens = head + torch.randint(0, 49152, (32 + 64,), generator=g).tolist()
+            n_cached = c.share_prefix(n, tokens)
+            if not c.can_append(n, len(tokens) - n_cached):
+                return n
+            c.append(n, tokens[n_cached:])
+            n += 1
+    print(f"\nCapacity of {args.budget_mib} MiB of bf16 KV cache (SmolLM2-135M: "
+          f"{n_blocks} blocks of 16 tokens), sequences of a {args.prefix}-token system prompt "
+          f"+ 32 prompt + 64 generated tokens. Machine: {machine()}\n")
+    row("prefix sharing", "concurrent sequences")
+    row("---", "---")
+    without, with_ = fill(False), fill(True)
+    row("off (every prompt unique)", without)
+    row("on (one system prompt)", with_)
+    row("ratio", f"{with_ / without:.1f}x" if without else "n/a (nothing fits)")
+
+
+# ------------------------------------------------------------------------------------------
 # cached vs uncached: the linear-versus-quadratic picture
 
 def bench_cache(args):
@@ -223,7 +341,8 @@ def bench_cache(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("what", choices=["engine", "cache", "overhead", "all"])
+    ap.add_argument("what", choices=["engine", "cache", "overhead", "prefix", "throughput",
+                                     "capacity", "all"])
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded)")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--new", type=int, default=64, help="generated tokens for decode rates")
@@ -232,12 +351,26 @@ def main(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 128, 256, 512, 1024])
     ap.add_argument("--cache-dtype", default="bfloat16")
     ap.add_argument("--plot", default="cache_vs_nocache.png", help="PNG path ('' for none)")
+    ap.add_argument("--prefix", type=int, default=1000, help="shared prefix tokens (prefix, "
+                    "capacity)")
+    ap.add_argument("--requests", type=int, default=64, help="requests (throughput)")
+    ap.add_argument("--in-min", type=int, default=16)
+    ap.add_argument("--in-max", type=int, default=256)
+    ap.add_argument("--out-min", type=int, default=16)
+    ap.add_argument("--out-max", type=int, default=128)
+    ap.add_argument("--budget-mib", type=int, default=64, help="KV budget (capacity)")
     args = ap.parse_args(argv)
     try:
         if args.what in ("engine", "all"):
             bench_engine(args)
         if args.what in ("overhead", "all"):
             bench_overhead(args)
+        if args.what in ("prefix", "all"):
+            bench_prefix(args)
+        if args.what in ("capacity", "all"):
+            bench_capacity(args)
+        if args.what in ("throughput", "all"):
+            bench_throughput(args)
         if args.what in ("cache", "all"):
             bench_cache(args)
     except ValueError as e:
