@@ -14,7 +14,7 @@ prefix, or n samples forked from one prompt) is copied before anyone writes into
 (copy-on-write). A block nobody references keeps its contents and hash, and stays reusable
 until the allocator needs it: then the least recently freed such block is evicted.
 
-Memory: every token stores one K and one V vector per layer and KV head, so
+Layout: (n_layer, 2, K, N, P, D); see KVCache. Memory: every token stores one K and one V vector per layer and KV head, so
     bytes_per_token = 2 * n_layer * n_kv_head * head_dim * bytes_per_element.
 
 What this file deliberately is not: a scheduler (it never decides who runs) or a model (the
@@ -50,8 +50,10 @@ def chain_hash(parent_hash, tokens) -> int:
 
 
 class KVCache:
-    """The pool `kv` has shape (n_layer, 2, N, P, K, D): kv[layer, 0] is the K cache and
-    kv[layer, 1] the V cache of that layer, each (N, P, K, D) and contiguous."""
+    """The pool `kv` has shape (n_layer, 2, K, N, P, D): kv[layer, 0] is the K cache and
+    kv[layer, 1] the V cache of that layer, each (K, N, P, D) and contiguous. Heads outermost:
+    gathering a sequence's blocks then yields (K, S, D) per head directly, the layout the
+    attention matmuls want, with no transposing copy."""
 
     def __init__(self, n_layer, n_kv_head, head_dim, n_blocks, block_size=16,
                  dtype=torch.float32, device="cpu"):
@@ -59,7 +61,7 @@ class KVCache:
             raise ValueError(f"block_size ({block_size}) and n_blocks ({n_blocks}) must be >= 1")
         self.n_layer, self.n_kv_head, self.head_dim = n_layer, n_kv_head, head_dim
         self.n_blocks, self.block_size, self.dtype = n_blocks, block_size, dtype
-        self.kv = torch.zeros(n_layer, 2, n_blocks, block_size, n_kv_head, head_dim,
+        self.kv = torch.zeros(n_layer, 2, n_kv_head, n_blocks, block_size, head_dim,
                               dtype=dtype, device=device)
         # per layer (k_cache, v_cache) views, built once: the model indexes these every step
         self.layers = [(layer[0], layer[1]) for layer in self.kv]
@@ -172,7 +174,7 @@ class KVCache:
     def _copy_block(self, src) -> int:
         """Copy-on-write: a private copy of src's contents, every layer, K and V."""
         dst = self._allocate()
-        self.kv[:, :, dst] = self.kv[:, :, src]
+        self.kv[:, :, :, dst] = self.kv[:, :, :, src]
         self._release(src)
         return dst
 

@@ -8,8 +8,8 @@ Every operation has three parts side by side:
 
 This file deliberately holds no model, no cache bookkeeping and no module state: it takes
 tensors and an `AttnMeta` and returns tensors. The cache layout it reads, per layer, is
-    k_cache, v_cache: (N, P, K, D)   N blocks of P slots, K KV heads, head dim D
-and a token at slot s lives at k_cache.view(N * P, K, D)[s], s = block_id * P + offset.
+    k_cache, v_cache: (K, N, P, D)   K KV heads, N blocks of P slots, head dim D
+and a token at slot s = block_id * P + offset lives at k_cache[:, block_id, offset].
 
 Shapes (the alphabet of model.py): B sequences, T new tokens (packed, all sequences),
 S context length, H query heads, K KV heads, G = H // K query heads per KV head, D head dim,
@@ -56,8 +56,8 @@ class AttnMeta:
 
     @cached_property
     def decode_gather(self):
-        """(blocks (B, n_used), valid (B, 1, 1, n_used * P) mask or None) for the decode
-        reference: the same for every layer, so computed once per step."""
+        """(blocks (B, n_used), valid (B, n_used * P) mask or None) for the decode reference:
+        the same for every layer, so computed once per step."""
         block_size = self.block_size
         n_ctx_max = max(self.context_lens_host)
         n_used = -(-n_ctx_max // block_size)
@@ -66,7 +66,7 @@ class AttnMeta:
             return blocks, None  # no padding anywhere: SDPA needs no mask
         k_pos = torch.arange(n_used * block_size, device=blocks.device)
         valid = k_pos.unsqueeze(0) < self.context_lens.unsqueeze(1)           # (B, S)
-        return blocks, valid[:, None, None, :]
+        return blocks, valid
 
     @cached_property
     def decode_subset(self):
@@ -98,8 +98,8 @@ def store_kv_ref(k, v, k_cache, v_cache, meta: AttnMeta):
     block slot // P, offset slot % P. In place: the pool is the cache's own tensor, and
     writing into it is the point."""
     block, offset = meta.slot_block_offset
-    k_cache.index_put_((block, offset), k)
-    v_cache.index_put_((block, offset), v)
+    k_cache.permute(1, 2, 0, 3).index_put_((block, offset), k)  # a (N, P, K, D) view
+    v_cache.permute(1, 2, 0, 3).index_put_((block, offset), v)
 
 
 def store_kv(k, v, k_cache, v_cache, meta: AttnMeta):
@@ -111,27 +111,27 @@ def store_kv(k, v, k_cache, v_cache, meta: AttnMeta):
 # prefix-cache hits, speculative verification all take this path)
 
 def gather_context(k_cache, v_cache, block_table, n_ctx):
-    """The first n_ctx tokens of one sequence as contiguous (S, K, D) tensors."""
-    _, block_size, n_kv, d = k_cache.shape
+    """The first n_ctx tokens of one sequence as contiguous (K, S, D) tensors."""
+    n_kv, _, block_size, d = k_cache.shape
     n_used = -(-n_ctx // block_size)
     blocks = block_table[:n_used]
-    k = k_cache.index_select(0, blocks).view(n_used * block_size, n_kv, d)[:n_ctx]  # (S, K, D)
-    v = v_cache.index_select(0, blocks).view(n_used * block_size, n_kv, d)[:n_ctx]
+    k = k_cache.index_select(1, blocks).view(n_kv, n_used * block_size, d)[:, :n_ctx]
+    v = v_cache.index_select(1, blocks).view(n_kv, n_used * block_size, d)[:, :n_ctx]
     return k, v
 
 
 def causal_attention_one(q, k, v, scale):
     """Attention of the last Tq positions of a sequence over all of its S keys.
-    q (Tq, H, D), k/v (S, K, D) -> (Tq, H, D). Query i sits at position S - Tq + i and sees keys
+    q (Tq, H, D), k/v (K, S, D) -> (Tq, H, D). Query i sits at position S - Tq + i and sees keys
     0..S-Tq+i. SDPA accumulates in fp32 (fp64 for fp64 inputs)."""
     n_q, n_head, d = q.shape
-    n_ctx, n_kv, _ = k.shape
+    n_kv, n_ctx, _ = k.shape
     g = n_head // n_kv
     qh = q.view(n_q, n_kv, g, d).permute(1, 2, 0, 3)                    # (K, G, Tq, D)
     # GQA: each KV head is broadcast over its G query heads with a stride-0 expand, no copy.
     # (enable_gqa=True would do the same but sends CPU SDPA down its slow math path.)
-    kh = k.transpose(0, 1).unsqueeze(1).expand(n_kv, g, n_ctx, d)       # (K, G, S, D)
-    vh = v.transpose(0, 1).unsqueeze(1).expand(n_kv, g, n_ctx, d)
+    kh = k.unsqueeze(1).expand(n_kv, g, n_ctx, d)                       # (K, G, S, D)
+    vh = v.unsqueeze(1).expand(n_kv, g, n_ctx, d)
     if n_q == n_ctx:  # no cached prefix: the plain causal diagonal
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:  # a cached prefix shifts the diagonal by S - Tq
@@ -170,23 +170,30 @@ def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale):
     sequence's blocks, padded to the longest context, and masks the padding. With one query
     position there is no causal mask, so the G query heads of a KV head are simply G rows."""
     n_seq, n_head, d = q.shape
-    _, block_size, n_kv, _ = k_cache.shape
-    blocks, valid = meta.decode_gather                                      # (B, n_used)
+    n_kv, _, block_size, _ = k_cache.shape
+    blocks, valid = meta.decode_gather                                   # (B, n_used), (B, S)
     n_ctx = blocks.shape[1] * block_size
-    k = k_cache.index_select(0, blocks.reshape(-1)).view(n_seq, n_ctx, n_kv, d).transpose(1, 2)
-    v = v_cache.index_select(0, blocks.reshape(-1)).view(n_seq, n_ctx, n_kv, d).transpose(1, 2)
-    rows = q.view(n_seq, n_kv, n_head // n_kv, d)                           # (B, K, G, D)
+    n_blocks = k_cache.shape[1]
+    # every head's copy of every block, as rows of the (K N, P, D) view: a dim-0 gather
+    idx = (torch.arange(n_kv, device=q.device).unsqueeze(1) * n_blocks + blocks.reshape(1, -1))
+    k = k_cache.view(n_kv * n_blocks, block_size, d).index_select(0, idx.view(-1)) \
+        .view(n_kv, n_seq, n_ctx, d)                                      # (K, B, S, D)
+    v = v_cache.view(n_kv * n_blocks, block_size, d).index_select(0, idx.view(-1)) \
+        .view(n_kv, n_seq, n_ctx, d)
+    rows = q.view(n_seq, n_kv, n_head // n_kv, d).transpose(0, 1)        # (K, B, G, D)
     if n_seq == 1:  # CPU SDPA is fastest for one sequence (and exact in fp32 accumulation)
-        out = F.scaled_dot_product_attention(rows, k, v, attn_mask=valid, scale=scale)
-        return out.view(n_seq, n_head, d)
+        mask = None if valid is None else valid.view(1, 1, n_ctx)
+        out = F.scaled_dot_product_attention(rows[:, 0], k[:, 0], v[:, 0], attn_mask=mask,
+                                             scale=scale)                # (K, G, D)
+        return out.reshape(1, n_head, d)
     # a batch: CPU SDPA tiles G = 3 query rows badly (2.6x slower at 64 x 384); two batched
     # matmuls with an fp32 softmax between them are faster
-    acc = torch.promote_types(q.dtype, torch.float32)                       # fp32, or fp64
-    scores = torch.matmul(rows, k.transpose(-1, -2)).to(acc) * scale       # (B, K, G, S)
+    acc = torch.promote_types(q.dtype, torch.float32)                    # fp32, or fp64
+    scores = torch.matmul(rows, k.transpose(-1, -2)).to(acc) * scale    # (K, B, G, S)
     if valid is not None:
-        scores = scores.masked_fill(~valid, float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)       # (B, K, G, D)
-    return out.view(n_seq, n_head, d)
+        scores = scores.masked_fill(~valid[None, :, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)    # (K, B, G, D)
+    return out.transpose(0, 1).reshape(n_seq, n_head, d)
 
 
 def decode_attention(q, k_cache, v_cache, meta: AttnMeta, scale):
@@ -202,7 +209,8 @@ def dense_causal_attention(q, k, v, query_start, scale):
     out = torch.empty_like(q)
     for b in range(len(query_start) - 1):
         s, e = query_start[b], query_start[b + 1]
-        out[s:e] = causal_attention_one(q[s:e], k[s:e], v[s:e], scale)
+        out[s:e] = causal_attention_one(q[s:e], k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                                        scale)
     return out
 
 

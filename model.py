@@ -205,7 +205,7 @@ class Block(nn.Module):
         if kv_layer is None:  # uncached: attend over this call's tokens only
             a = kernels.dense_causal_attention(q, key, val, meta.query_start_host, scale)
         else:  # write this step's K/V into the pool, then read each sequence's whole context
-            k_cache, v_cache = kv_layer                               # (N, P, K, D) each
+            k_cache, v_cache = kv_layer                               # (K, N, P, D) each
             kernels.store_kv(key, val, k_cache, v_cache, meta)
             a = kernels.paged_attention(q, k_cache, v_cache, meta, scale)  # (T, H, D)
         x = self.linear_residual(x, a.reshape(n_tok, h * d), self.out)
@@ -251,7 +251,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens, positions, meta: kernels.AttnMeta, kv=None, all_logits=False):
         """tokens, positions (T,): a packed ragged batch (see kernels.AttnMeta).
-        kv: per layer (k_cache, v_cache), each (N, P, K, D) (KVCache.layers), or None to
+        kv: per layer (k_cache, v_cache), each (K, N, P, D) (KVCache.layers), or None to
         attend over this call's tokens only.
         Returns fp32 logits (B, V) of each sequence's last token, or (T, V) if all_logits."""
         x = self.tok_emb(tokens)                                   # (T, C)

@@ -195,7 +195,7 @@ def test_memory_formula_for_smollm2_shapes():
 
 def test_pool_layout_puts_each_layer_contiguous():
     c = KVCache(n_layer=3, n_kv_head=2, head_dim=4, n_blocks=5, block_size=8)
-    assert c.kv.shape == (3, 2, 5, 8, 2, 4)
+    assert c.kv.shape == (3, 2, 2, 5, 8, 4)  # (L, K/V, K heads, N blocks, P slots, D)
     assert c.kv[1, 0].is_contiguous() and c.kv[2, 1].is_contiguous()
 
 

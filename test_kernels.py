@@ -47,8 +47,8 @@ def build(n_kv, group, d, block_size, ctx, new, seed):
         i += nb
         tables.append(t)
         slots_all.append([t[j // block_size] * block_size + j % block_size for j in range(c)])
-    k_cache = torch.randn(n_blocks, block_size, n_kv, d, generator=g, dtype=torch.float64)
-    v_cache = torch.randn(n_blocks, block_size, n_kv, d, generator=g, dtype=torch.float64)
+    k_cache = torch.randn(n_kv, n_blocks, block_size, d, generator=g, dtype=torch.float64)
+    v_cache = torch.randn(n_kv, n_blocks, block_size, d, generator=g, dtype=torch.float64)
     ks = [torch.randn(c, n_kv, d, generator=g, dtype=torch.float64) for c in ctx]
     vs = [torch.randn(c, n_kv, d, generator=g, dtype=torch.float64) for c in ctx]
     for k, v, s in zip(ks, vs, slots_all):
@@ -103,13 +103,13 @@ def test_dense_causal_attention_matches_oracle(case):
 
 
 def test_store_kv_writes_only_its_slots():
-    k_cache = torch.zeros(4, 2, 1, 3)
-    v_cache = torch.zeros(4, 2, 1, 3)
-    k = torch.arange(6.).view(2, 1, 3) + 1
+    k_cache = torch.zeros(2, 4, 2, 3)  # (K, N, P, D)
+    v_cache = torch.zeros(2, 4, 2, 3)
+    k = torch.arange(12.).view(2, 2, 3) + 1  # (T, K, D)
     meta = kernels.AttnMeta(torch.tensor([5, 0]), None, None, None, block_size=2)
     kernels.store_kv(k, -k, k_cache, v_cache, meta)
-    flat_k = k_cache.view(8, 1, 3)
-    assert torch.equal(flat_k[5], k[0]) and torch.equal(flat_k[0], k[1])
-    assert torch.equal(v_cache.view(8, 1, 3)[5], -k[0])
+    flat_k = k_cache.view(2, 8, 3)  # (K, slots, D)
+    assert torch.equal(flat_k[:, 5], k[0]) and torch.equal(flat_k[:, 0], k[1])
+    assert torch.equal(v_cache.view(2, 8, 3)[:, 5], -k[0])
     untouched = [i for i in range(8) if i not in (0, 5)]
-    assert flat_k[untouched].abs().sum() == 0
+    assert flat_k[:, untouched].abs().sum() == 0
