@@ -120,7 +120,8 @@ def bench_engine(args):
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         hf.eval()
 
-        def ours(which, n):
+        def ours(which, n):  # cold every time: forget the blocks the previous round cached
+            llm.cache.forget_cached()
             llm.generate([prompts[which]], SamplingParams(max_new_tokens=n, ignore_eos=True))
 
         def theirs(which, n):
@@ -312,7 +313,10 @@ def bench_cache(args):
 
         def per_token(use_cache, n_new):
             p = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
-            outs = [llm.generate([prompt], p, use_cache=use_cache)[0] for _ in range(args.repeat)]
+            outs = []
+            for _ in range(args.repeat):
+                llm.cache.forget_cached()  # every run cold
+                outs.append(llm.generate([prompt], p, use_cache=use_cache)[0])
             return statistics.median(o.decode_s / (n_new - 1) for o in outs)
         per_token(True, 2)  # warm-up
         c, u = per_token(True, 9), per_token(False, 3)
