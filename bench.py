@@ -62,6 +62,17 @@ def row(*cells):
 # ------------------------------------------------------------------------------------------
 # engine vs transformers vs the floor
 
+def load_peer(path, dtype):
+    """The reference: transformers on the very checkpoint we run (GGUF file or HF dir)."""
+    from transformers import AutoModelForCausalLM
+    if path.endswith(".gguf"):
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                  gguf_file=os.path.basename(path), dtype=dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return hf.eval()
+
+
 def matvec_floor(model, dtype):
     """One 'decode step' that is nothing but the model's weight matrix-vector products (every
     nn.Linear, LM head included, in forward order): the memory-bandwidth limit of decode."""
@@ -101,7 +112,7 @@ def interleaved_rates(gens, floor_step, n_new, n_prefill, repeat):
 
 
 def bench_engine(args):
-    from transformers import AutoModelForCausalLM, __version__ as hf_version
+    from transformers import __version__ as hf_version
     g = torch.Generator().manual_seed(0)
     print(f"\nDecode and prefill, batch 1, greedy. Machine: {machine()}\n")
     row("dtype", "engine", "decode tok/s", "prefill tok/s", "conditions")
@@ -113,12 +124,7 @@ def bench_engine(args):
         vocab = llm.cfg.vocab_size
         prompts = {"short": torch.randint(0, vocab, (8,), generator=g).tolist(),
                    "long": torch.randint(0, vocab, (args.prefill,), generator=g).tolist()}
-        if path.endswith(".gguf"):
-            hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                      gguf_file=os.path.basename(path), dtype=dtype)
-        else:
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        hf.eval()
+        hf = load_peer(path, dtype)
 
         def ours(which, n):  # cold every time: forget the blocks the previous round cached
             llm.cache.forget_cached()
@@ -217,7 +223,6 @@ def bench_throughput(args):
     lengths, ignore_eos. The peer runs transformers' batched generate on all requests at once
     (left padding; it must generate the longest output for every row, so its rate counts only
     the tokens that were asked for, like ours)."""
-    from transformers import AutoModelForCausalLM
     if not 1 <= args.in_min <= args.in_max or not 1 <= args.out_min <= args.out_max:
         raise ValueError("need 1 <= --in-min <= --in-max and 1 <= --out-min <= --out-max")
     llm = LLM(args.model, dtype=args.cache_dtype)
@@ -235,12 +240,7 @@ def bench_throughput(args):
     path = llm.model_path
     dtype = llm.dtype
     del llm
-    if path.endswith(".gguf"):
-        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                  gguf_file=os.path.basename(path), dtype=dtype)
-    else:
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    hf.eval()
+    hf = load_peer(path, dtype)
     width = max(in_lens)
     ids = torch.zeros(n, width, dtype=torch.long)
     mask = torch.zeros(n, width, dtype=torch.long)
@@ -364,19 +364,12 @@ def main(argv=None):
     ap.add_argument("--out-max", type=int, default=128)
     ap.add_argument("--budget-mib", type=int, default=64, help="KV budget (capacity)")
     args = ap.parse_args(argv)
+    sections = {"engine": bench_engine, "overhead": bench_overhead, "prefix": bench_prefix,
+                "capacity": bench_capacity, "throughput": bench_throughput, "cache": bench_cache}
     try:
-        if args.what in ("engine", "all"):
-            bench_engine(args)
-        if args.what in ("overhead", "all"):
-            bench_overhead(args)
-        if args.what in ("prefix", "all"):
-            bench_prefix(args)
-        if args.what in ("capacity", "all"):
-            bench_capacity(args)
-        if args.what in ("throughput", "all"):
-            bench_throughput(args)
-        if args.what in ("cache", "all"):
-            bench_cache(args)
+        for name, run in sections.items():  # `all` runs them in this order
+            if args.what in (name, "all"):
+                run(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
