@@ -112,42 +112,46 @@ def interleaved_rates(gens, floor_step, n_new, n_prefill, repeat):
 
 
 def bench_engine(args):
-    from transformers import __version__ as hf_version
     g = torch.Generator().manual_seed(0)
     print(f"\nDecode and prefill, batch 1, greedy. Machine: {machine()}\n")
     row("dtype", "engine", "decode tok/s", "prefill tok/s", "conditions")
     row(*["---"] * 5)
     for dname in args.dtypes:
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dname]
-        llm = LLM(args.model, dtype=dtype)
-        path = llm.model_path
-        vocab = llm.cfg.vocab_size
-        prompts = {"short": torch.randint(0, vocab, (8,), generator=g).tolist(),
-                   "long": torch.randint(0, vocab, (args.prefill,), generator=g).tolist()}
-        hf = load_peer(path, dtype)
+        bench_engine_dtype(args, dname, g)
 
-        def ours(which, n):  # cold every time: forget the blocks the previous round cached
-            llm.cache.forget_cached()
-            llm.generate([prompts[which]], SamplingParams(max_new_tokens=n, ignore_eos=True))
 
-        def theirs(which, n):
-            ids = torch.tensor([prompts[which]])
-            with torch.inference_mode():
-                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                            min_new_tokens=n, do_sample=False, pad_token_id=0)
-        rates, floor = interleaved_rates({"ours": ours, "hf": theirs},
-                                         matvec_floor(llm.model, dtype), args.new, args.prefill,
-                                         args.repeat)
-        eng, ref = rates["ours"], rates["hf"]
-        cond = f"prompt 8 / {args.prefill} tokens, {args.new} new, {args.repeat} rounds"
-        row(dname, "this engine (paged KV cache)", f"{eng[0]:.1f}", f"{eng[1]:.0f}", cond)
-        row(dname, f"transformers {hf_version} generate", f"{ref[0]:.1f}", f"{ref[1]:.0f}",
-            cond + ", same GGUF weights")
-        row(dname, "floor: weight matvecs alone", f"{floor:.1f}", "", "every nn.Linear, 1 token")
-        row(dname, "ratio engine / transformers", f"{eng[0] / ref[0]:.2f}x",
-            f"{eng[1] / ref[1]:.2f}x", "same run")
-        row(dname, "ratio engine / floor", f"{eng[0] / floor:.0%}", "", "same run")
-        del llm, hf
+def bench_engine_dtype(args, dname, g):
+    """The rows of one dtype: engine, transformers and the floor in interleaved rounds."""
+    from transformers import __version__ as hf_version
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dname]
+    llm = LLM(args.model, dtype=dtype)
+    path = llm.model_path
+    vocab = llm.cfg.vocab_size
+    prompts = {"short": torch.randint(0, vocab, (8,), generator=g).tolist(),
+               "long": torch.randint(0, vocab, (args.prefill,), generator=g).tolist()}
+    hf = load_peer(path, dtype)
+
+    def ours(which, n):  # cold every time: forget the blocks the previous round cached
+        llm.cache.forget_cached()
+        llm.generate([prompts[which]], SamplingParams(max_new_tokens=n, ignore_eos=True))
+
+    def theirs(which, n):
+        ids = torch.tensor([prompts[which]])
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                        min_new_tokens=n, do_sample=False, pad_token_id=0)
+    rates, floor = interleaved_rates({"ours": ours, "hf": theirs},
+                                     matvec_floor(llm.model, dtype), args.new, args.prefill,
+                                     args.repeat)
+    eng, ref = rates["ours"], rates["hf"]
+    cond = f"prompt 8 / {args.prefill} tokens, {args.new} new, {args.repeat} rounds"
+    row(dname, "this engine (paged KV cache)", f"{eng[0]:.1f}", f"{eng[1]:.0f}", cond)
+    row(dname, f"transformers {hf_version} generate", f"{ref[0]:.1f}", f"{ref[1]:.0f}",
+        cond + ", same GGUF weights")
+    row(dname, "floor: weight matvecs alone", f"{floor:.1f}", "", "every nn.Linear, 1 token")
+    row(dname, "ratio engine / transformers", f"{eng[0] / ref[0]:.2f}x",
+        f"{eng[1] / ref[1]:.2f}x", "same run")
+    row(dname, "ratio engine / floor", f"{eng[0] / floor:.0%}", "", "same run")
 
 
 # ------------------------------------------------------------------------------------------

@@ -377,14 +377,13 @@ class LLM:
                                 on_finish(index[s.id], self.completion(s, t0))
                     seq.forks = []
         except BaseException:
-            # this step's blocks may be hashed but never written: do not let them be reused
+            # on any failure give every block back, so the pool stays consistent (on success
+            # each sequence already freed its own as it finished); this step's blocks may be
+            # hashed but never written: do not let them be reused
             for s in seqs:
                 self.cache.free(s.id)
             self.cache.forget_cached()
             raise
-        finally:  # on any failure, give every block back: the pool stays consistent
-            for s in seqs:
-                self.cache.free(s.id)
         return [self.completion(s, t0) for s in seqs]
 
     def fork(self, parent, child, running, use_cache):

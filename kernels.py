@@ -3,8 +3,9 @@ Attention and cache kernels over the paged KV cache.
 
 Every operation has three parts side by side:
   - `<op>_ref(...)`: plain torch, the specification; it is the CPU engine and the test oracle;
-  - a Triton kernel and its launcher (added behind the same signatures for CUDA);
-  - `<op>(...)`: the public function the model calls; it dispatches on the tensors' device.
+  - a Triton kernel and its launcher (to come, behind the same signatures, for CUDA);
+  - `<op>(...)`: the public function the model calls; it will dispatch on the tensors' device
+    (today every call takes the reference).
 
 This file deliberately holds no model, no cache bookkeeping and no module state: it takes
 tensors and an `AttnMeta` and returns tensors. The cache layout it reads, per layer, is
@@ -17,15 +18,11 @@ N blocks, P block size.
 
 Tests: `pytest test_kernels.py`.
 """
-import os
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 import torch.nn.functional as F
-
-# Set ENGINE_FORCE_REF=1 to force the torch reference on a GPU (for bisecting a kernel).
-FORCE_REF = os.environ.get("ENGINE_FORCE_REF", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -67,6 +64,21 @@ class AttnMeta:
         k_pos = torch.arange(n_used * block_size, device=blocks.device)
         valid = k_pos.unsqueeze(0) < self.context_lens.unsqueeze(1)           # (B, S)
         return blocks, valid
+
+    @cached_property
+    def _head_block_rows(self) -> dict:
+        return {}
+
+    def head_block_rows(self, n_kv, n_blocks) -> torch.Tensor:
+        """(K * B * n_used,) rows of a layer's cache viewed as (K N, P, D) that hold each
+        head's copy of every block of decode_gather, in (head, sequence, block) order. The
+        same for every layer, so built once per step."""
+        memo = self._head_block_rows
+        if (n_kv, n_blocks) not in memo:
+            blocks = self.decode_gather[0]
+            heads = torch.arange(n_kv, device=blocks.device).unsqueeze(1) * n_blocks  # (K, 1)
+            memo[n_kv, n_blocks] = (heads + blocks.reshape(1, -1)).view(-1)
+        return memo[n_kv, n_blocks]
 
     @cached_property
     def decode_subset(self):
@@ -175,10 +187,10 @@ def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale):
     n_ctx = blocks.shape[1] * block_size
     n_blocks = k_cache.shape[1]
     # every head's copy of every block, as rows of the (K N, P, D) view: a dim-0 gather
-    idx = (torch.arange(n_kv, device=q.device).unsqueeze(1) * n_blocks + blocks.reshape(1, -1))
-    k = k_cache.view(n_kv * n_blocks, block_size, d).index_select(0, idx.view(-1)) \
+    rows_kn = meta.head_block_rows(n_kv, n_blocks)
+    k = k_cache.view(n_kv * n_blocks, block_size, d).index_select(0, rows_kn) \
         .view(n_kv, n_seq, n_ctx, d)                                      # (K, B, S, D)
-    v = v_cache.view(n_kv * n_blocks, block_size, d).index_select(0, idx.view(-1)) \
+    v = v_cache.view(n_kv * n_blocks, block_size, d).index_select(0, rows_kn) \
         .view(n_kv, n_seq, n_ctx, d)
     rows = q.view(n_seq, n_kv, n_head // n_kv, d).transpose(0, 1)        # (K, B, G, D)
     if n_seq == 1:  # CPU SDPA is fastest for one sequence (and exact in fp32 accumulation)

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +133,13 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
+def norm(cfg, p, x):
+    """The family's normalisation with parameters p: RMSNorm (Llama) or LayerNorm (GPT-2)."""
+    if cfg.arch == "llama":
+        return rms_norm(x, p["weight"], cfg.norm_eps)
+    return layer_norm(x, p["weight"], p["bias"], cfg.norm_eps)
+
+
 def rope_rotation(positions, inv_freq, dtype):
     """(T, D, D) rotation matrices, one per position, once per forward. RoPE turns each pair
     (x_i, x_{i+D/2}) (HF's half-split layout; llama.cpp pairs x_2i with x_2i+1, see the GGUF
@@ -184,18 +191,13 @@ class Block(nn.Module):
             self.fc = nn.Linear(c, f)
             self.proj = nn.Linear(f, c)
 
-    def norm(self, p, x):
-        if self.cfg.arch == "llama":
-            return rms_norm(x, p["weight"], self.cfg.norm_eps)
-        return layer_norm(x, p["weight"], p["bias"], self.cfg.norm_eps)
-
     def forward(self, x, rope, meta, kv_layer):
         cfg = self.cfg
         n_tok = x.shape[0]
         h, k, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # F.linear on the weights directly: nn.Module's call machinery costs ~2 us a call,
         # which adds up over 4 matmuls x L layers of a decode step
-        qkv = F.linear(self.norm(self.attn_norm, x), self.qkv.weight, self.qkv.bias)
+        qkv = F.linear(norm(cfg, self.attn_norm, x), self.qkv.weight, self.qkv.bias)
         qk, val = qkv.split([(h + k) * d, k * d], dim=-1)
         qk, val = qk.view(n_tok, h + k, d), val.view(n_tok, k, d)
         if rope is not None:  # Q and K heads rotate alike: one call for both
@@ -209,7 +211,7 @@ class Block(nn.Module):
             kernels.store_kv(key, val, k_cache, v_cache, meta)
             a = kernels.paged_attention(q, k_cache, v_cache, meta, scale)  # (T, H, D)
         x = self.linear_residual(x, a.reshape(n_tok, h * d), self.out)
-        m = self.norm(self.mlp_norm, x)
+        m = norm(cfg, self.mlp_norm, x)
         if cfg.arch == "llama":
             gate, up = F.linear(m, self.gate_up.weight).chunk(2, dim=-1)  # (T, F) each
             return self.linear_residual(x, F.silu(gate) * up, self.down)
@@ -263,9 +265,7 @@ class Transformer(nn.Module):
             x = block(x, rope, meta, kv[i] if kv is not None else None)
         if not all_logits:
             x = x[meta.last_token_index]                           # (B, C): the LM head is
-        n = self.norm                                              # the costliest matmul
-        x = rms_norm(x, n["weight"], self.cfg.norm_eps) if self.cfg.arch == "llama" else \
-            layer_norm(x, n["weight"], n["bias"], self.cfg.norm_eps)
+        x = norm(self.cfg, self.norm, x)                           # the costliest matmul
         return self.lm_head(x).float()                             # (B, V)
 
 
