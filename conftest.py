@@ -15,6 +15,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before
+# triton is first imported (kernels.py imports it). With one, they run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile("ci", max_examples=12, derandomize=True, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=200, deadline=None,

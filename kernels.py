@@ -3,9 +3,11 @@ Attention and cache kernels over the paged KV cache.
 
 Every operation has three parts side by side:
   - `<op>_ref(...)`: plain torch, the specification; it is the CPU engine and the test oracle;
-  - a Triton kernel and its launcher (to come, behind the same signatures, for CUDA);
-  - `<op>(...)`: the public function the model calls; it will dispatch on the tensors' device
-    (today every call takes the reference).
+  - a Triton kernel (`_<op>_kernel`) and its launcher (`<op>_triton(...)`), for CUDA;
+  - `<op>(...)`: the public function the model calls. CUDA tensors go to Triton, everything
+    else to the reference. The environment variable KVCACHE_KERNELS overrides that:
+    `ref` forces the reference on a GPU (for bisecting), `triton` forces Triton on the CPU
+    (where it runs in Triton's interpreter, TRITON_INTERPRET=1 set before triton is imported).
 
 This file deliberately holds no model, no cache bookkeeping and no module state: it takes
 tensors and an `AttnMeta` and returns tensors. The cache layout it reads, per layer, is
@@ -18,11 +20,15 @@ N blocks, P block size.
 
 Tests: `pytest test_kernels.py`.
 """
+import math
+import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,35 @@ class AttnMeta:
 
 
 # ------------------------------------------------------------------------------------------
+# dispatch and launcher checks
+
+def use_triton(x: torch.Tensor) -> bool:
+    """CUDA tensors take the Triton kernels, the rest the reference; the environment variable
+    KVCACHE_KERNELS=ref|triton overrides that (read at every call, so a test can flip it)."""
+    force = os.environ.get("KVCACHE_KERNELS", "")
+    if force not in ("", "ref", "triton"):
+        raise ValueError(f"KVCACHE_KERNELS={force!r}: use 'ref' or 'triton'")
+    return force == "triton" or (force == "" and x.is_cuda)
+
+
+def check_cache(k_cache, v_cache, q):
+    """What every launcher assumes of a layer's cache before it computes addresses."""
+    assert k_cache.shape == v_cache.shape and k_cache.dim() == 4, "cache: (K, N, P, D) each"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, \
+        "k_cache and v_cache: the same strides, D contiguous"
+    assert k_cache.dtype == v_cache.dtype == q.dtype, \
+        f"dtypes differ: cache {k_cache.dtype}, input {q.dtype}"
+    assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), \
+        f"Triton kernels take fp32, fp16 or bf16, not {q.dtype}"
+
+
+def dot_precision(dtype) -> str:
+    """fp32 stays fp32 in tl.dot (TF32 would cost ~1e-3 relative error); 16-bit inputs
+    ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ------------------------------------------------------------------------------------------
 # store K/V into slots
 
 def store_kv_ref(k, v, k_cache, v_cache, meta: AttnMeta):
@@ -114,9 +149,90 @@ def store_kv_ref(k, v, k_cache, v_cache, meta: AttnMeta):
     v_cache.permute(1, 2, 0, 3).index_put_((block, offset), v)
 
 
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     s_kt, s_kh, s_vt, s_vh,  # strides of k, v (T, K, D); D's stride is 1
+                     s_ch, s_cn, s_cp,        # strides of a cache (K, N, P, D); D's stride is 1
+                     BLOCK_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (token, KV head): copy D elements of K and of V into the token's slot.
+    Offsets are int64: a pool of 2^31 elements is only 4 GiB of bf16."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)  # BLOCK_D: D rounded up to a power of two, masked
+    d_ok = d < HEAD_D
+    dst = h * s_ch + (slot // BLOCK_SIZE) * s_cn + (slot % BLOCK_SIZE) * s_cp + d
+    tl.store(k_cache_ptr + dst, tl.load(k_ptr + t * s_kt + h * s_kh + d, mask=d_ok), mask=d_ok)
+    tl.store(v_cache_ptr + dst, tl.load(v_ptr + t * s_vt + h * s_vh + d, mask=d_ok), mask=d_ok)
+
+
+def store_kv_triton(k, v, k_cache, v_cache, meta: AttnMeta):
+    check_cache(k_cache, v_cache, k)
+    n_tok, n_kv, d = k.shape
+    assert v.shape == k.shape and k.stride(-1) == 1 and v.stride(-1) == 1, "k, v: (T, K, D)"
+    assert k_cache.shape[0] == n_kv and k_cache.shape[-1] == d, "k/v and the cache disagree"
+    _store_kv_kernel[(n_tok, n_kv)](
+        k, v, k_cache, v_cache, meta.slot_mapping, k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), *k_cache.stride()[:3], BLOCK_SIZE=k_cache.shape[2], HEAD_D=d,
+        BLOCK_D=triton.next_power_of_2(d))
+
+
 def store_kv(k, v, k_cache, v_cache, meta: AttnMeta):
+    if use_triton(k):
+        return store_kv_triton(k, v, k_cache, v_cache, meta)
     return store_kv_ref(k, v, k_cache, v_cache, meta)
 
+
+# ------------------------------------------------------------------------------------------
+# Triton: one tile of keys for a tile of query rows (shared by prefill and decode)
+
+@triton.jit
+def _attend_tile(q, acc, m_i, l_i, k_base, v_base, table_ptr, start, k_end, q_pos, qk_scale,
+                 s_cn, s_cp, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Online softmax over the keys start..start+BLOCK_N of one sequence, one KV head.
+    q (M, BLOCK_D) rows, acc (M, BLOCK_D) fp32 unnormalised output, m_i (M,) running max of
+    the scores in log2 units, l_i (M,) running sum of exp2(score - m_i). Key j lives in block
+    table[j // P] at offset j % P. MASKED: keys at or past k_end, or after a row's own
+    position q_pos, are left out; tiles wholly below the causal diagonal skip the mask."""
+    kpos = start + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_D
+    if MASKED:
+        k_ok = kpos < k_end
+        block = tl.load(table_ptr + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+    else:
+        block = tl.load(table_ptr + kpos // BLOCK_SIZE).to(tl.int64)
+        kv_mask = d_ok[None, :]
+    offs = (block * s_cn + (kpos % BLOCK_SIZE) * s_cp)[:, None] + d[None, :]  # (BLOCK_N, BLOCK_D)
+    k = tl.load(k_base + offs, mask=kv_mask, other=0.0)
+    # exp(x * scale) == exp2(x * scale * log2(e)): qk_scale carries the log2(e)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, BLOCK_N) fp32
+    if MASKED:
+        allowed = (kpos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        qk = tl.where(allowed, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)  # rescales what was summed under the old maximum
+    v = tl.load(v_base + offs, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _query_rows(tile, n_q, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                BLOCK_Q: tl.constexpr):
+    """GQA packing: the rows of a tile are BLOCK_Q query positions x GROUP_PAD query heads of
+    one KV head, so the G heads that read the same K/V share one tl.dot. Padding heads
+    (g >= G, when G is not a power of two or too small for a dot) are computed and dropped.
+    Returns each row's query index within the sequence, its head and whether it is real."""
+    r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    i = tile * BLOCK_Q + r // GROUP_PAD
+    g = r % GROUP_PAD
+    return i, kv_head * GROUP + g, (i < n_q) & (g < GROUP)
 
 # ------------------------------------------------------------------------------------------
 # attention of new queries over each sequence's paged context (prefill, chunked prefill,
@@ -170,7 +286,92 @@ def prefill_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale):
     return out
 
 
+@triton.jit
+def _prefill_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr,
+        query_start_ptr, qk_scale,
+        s_qt, s_qh, s_ot, s_oh,  # strides of q and out (T, H, D)
+        s_ch, s_cn, s_cp,        # strides of a cache (K, N, P, D)
+        s_bt,                    # row stride of block_tables (B, max_blocks)
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_D: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Program (b, tile, kv_head): BLOCK_Q new queries of sequence b, for the G query heads of
+    one KV head, over the sequence's paged context. Query i of n_q new ones sits at position
+    n_ctx - n_q + i (a cached prefix shifts the diagonal) and sees keys 0..its position."""
+    b = tl.program_id(0)
+    tile = tl.program_id(1)
+    kv_head = tl.program_id(2).to(tl.int64)
+    q_start = tl.load(query_start_ptr + b)
+    n_q = tl.load(query_start_ptr + b + 1) - q_start
+    if tile * BLOCK_Q < n_q:  # the grid covers the longest sequence; shorter ones stop here
+        n_ctx = tl.load(context_lens_ptr + b)
+        i, head, row_ok = _query_rows(tile, n_q, kv_head, GROUP, GROUP_PAD, BLOCK_Q)
+        d = tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (d < HEAD_D)[None, :]
+        q = tl.load(q_ptr + ((q_start + i) * s_qt)[:, None] + (head * s_qh)[:, None] + d[None, :],
+                    mask=mask, other=0.0)
+        q_pos = n_ctx - n_q + i
+        q_lo = n_ctx - n_q + tile * BLOCK_Q               # the tile's first query position
+        k_hi = tl.minimum(q_lo + BLOCK_Q, n_ctx)          # one past the last key it sees
+        n_full = (q_lo + 1) // BLOCK_N * BLOCK_N          # keys every row sees: no mask
+        k_base = k_cache_ptr + kv_head * s_ch
+        v_base = v_cache_ptr + kv_head * s_ch
+        table = block_tables_ptr + b.to(tl.int64) * s_bt
+        m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], tl.float32)
+        for start in range(0, n_full, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, table, start, n_ctx,
+                                         q_pos, qk_scale, s_cn, s_cp, BLOCK_N, BLOCK_SIZE,
+                                         HEAD_D, BLOCK_D, False, DOT_PRECISION)
+        for start in range(n_full, k_hi, BLOCK_N):  # the tiles the diagonal crosses
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, table, start, n_ctx,
+                                         q_pos, qk_scale, s_cn, s_cp, BLOCK_N, BLOCK_SIZE,
+                                         HEAD_D, BLOCK_D, True, DOT_PRECISION)
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + ((q_start + i) * s_ot)[:, None] + (head * s_oh)[:, None] + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def group_pad(group, min_rows=1) -> int:
+    """G rounded up to a power of two (tl.arange needs one), and to at least min_rows."""
+    return max(triton.next_power_of_2(group), min_rows)
+
+
+def dot_width(d) -> int:
+    """D rounded up to a power of two of at least 16 (a GPU tl.dot's least inner size)."""
+    return max(triton.next_power_of_2(d), 16)
+
+
+def prefill_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, out=None,
+                             block_m=64, block_n=64):
+    """Launcher: one program per (sequence, tile of queries, KV head); a tile packs about
+    block_m rows (queries x padded GQA group). out: where to write (tests pass a poisoned
+    tensor, to catch elements the kernel never writes)."""
+    check_cache(k_cache, v_cache, q)
+    n_tok, n_head, d = q.shape
+    n_kv, _, block_size, _ = k_cache.shape
+    assert q.stride(-1) == 1 and n_head % n_kv == 0 and k_cache.shape[-1] == d
+    out = torch.empty_like(q) if out is None else out
+    qs = meta.query_start_host
+    max_q = max(e - s for s, e in zip(qs, qs[1:]))
+    g_pad = group_pad(n_head // n_kv)
+    block_q = max(1, block_m // g_pad)
+    grid = (len(qs) - 1, triton.cdiv(max_q, block_q), n_kv)
+    _prefill_attention_kernel[grid](
+        q, k_cache, v_cache, out, meta.block_tables, meta.context_lens, meta.query_start,
+        scale * math.log2(math.e), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        *k_cache.stride()[:3], meta.block_tables.stride(0),
+        GROUP=n_head // n_kv, GROUP_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n,
+        BLOCK_SIZE=block_size, HEAD_D=d, BLOCK_D=dot_width(d),
+        DOT_PRECISION=dot_precision(q.dtype))
+    return out
+
+
 def prefill_attention(q, k_cache, v_cache, meta: AttnMeta, scale):
+    if use_triton(q):
+        return prefill_attention_triton(q, k_cache, v_cache, meta, scale)
     return prefill_attention_ref(q, k_cache, v_cache, meta, scale)
 
 
@@ -208,7 +409,109 @@ def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale):
     return out.transpose(0, 1).reshape(n_seq, n_head, d)
 
 
+@triton.jit
+def _decode_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, part_ptr, lse_ptr, block_tables_ptr, context_lens_ptr,
+        qk_scale, s_qb, s_qh, s_ch, s_cn, s_cp, s_bt,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, N_SPLITS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_D: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Program (b, kv_head, split): the one query of sequence b, G query heads as the rows of
+    one tl.dot, over the split-th of N_SPLITS equal slices of its context (flash decoding).
+    Writes the slice's normalised output part (B, H, N_SPLITS, D) and its log-sum-exp (log2
+    units) lse (B, H, N_SPLITS); an empty slice writes lse = -inf, which the merge ignores."""
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    n_ctx = tl.load(context_lens_ptr + b)
+    # the slice length is a multiple of BLOCK_N, from this sequence's own length: no host sync
+    per_split = tl.cdiv(tl.cdiv(n_ctx, N_SPLITS), BLOCK_N) * BLOCK_N
+    k_lo = split * per_split
+    k_hi = tl.minimum(k_lo + per_split, n_ctx)
+    i, head, row_ok = _query_rows(0, 1, kv_head, GROUP, GROUP_PAD, 1)
+    d = tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (d < HEAD_D)[None, :]
+    q = tl.load(q_ptr + b.to(tl.int64) * s_qb + (head * s_qh)[:, None] + d[None, :], mask=mask,
+                other=0.0)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    q_pos = n_ctx - 1 + tl.zeros([GROUP_PAD], tl.int64)  # the query is the last position
+    for start in range(k_lo, k_hi, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr + kv_head * s_ch,
+                                     v_cache_ptr + kv_head * s_ch,
+                                     block_tables_ptr + b.to(tl.int64) * s_bt, start, k_hi,
+                                     q_pos, qk_scale, s_cn, s_cp, BLOCK_N, BLOCK_SIZE, HEAD_D,
+                                     BLOCK_D, True, DOT_PRECISION)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    row = (b * (GROUP * tl.num_programs(1)) + head) * N_SPLITS + split  # (b, head, split)
+    tl.store(part_ptr + row[:, None] * HEAD_D + d[None, :], acc / l_safe[:, None], mask=mask)
+    tl.store(lse_ptr + row, m_i + tl.math.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, s_ob, s_oh, N_SPLITS: tl.constexpr,
+                         SPLITS_PAD: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (b, head): out = sum_s w_s part_s with w_s = 2^(lse_s - max lse) / sum of them,
+    the softmax over the whole context rebuilt from the slices' partial softmaxes."""
+    b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, BLOCK_D)
+    row = (b * tl.num_programs(1) + head) * N_SPLITS + s
+    lse = tl.load(lse_ptr + row, mask=s < N_SPLITS, other=float("-inf"))
+    w = tl.math.exp2(lse - tl.max(lse, 0))  # exp2(-inf) = 0: empty slices weigh nothing
+    part = tl.load(part_ptr + row[:, None] * HEAD_D + d[None, :],
+                   mask=(s < N_SPLITS)[:, None] & (d < HEAD_D)[None, :], other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(out_ptr + b * s_ob + head * s_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_D)
+
+
+@cache
+def n_multiprocessors(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if \
+        device.type == "cuda" else 1
+
+
+def decode_splits(n_seq, n_kv, max_ctx, n_sm, min_keys=256, max_splits=64) -> int:
+    """Split-K factor: enough (sequence, KV head, split) programs to fill about two waves of
+    the GPU's multiprocessors, with at least min_keys keys per split. From host-side numbers
+    only (the batch shape and the longest context the runner already knows): no sync."""
+    want = triton.cdiv(2 * n_sm, n_seq * n_kv)
+    return max(1, min(want, triton.cdiv(max_ctx, min_keys), max_splits))
+
+
+def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, out=None,
+                            n_splits=None, block_n=64):
+    """Launcher: split-K decode, then the merge. n_splits=None picks it from the batch."""
+    check_cache(k_cache, v_cache, q)
+    n_seq, n_head, d = q.shape
+    n_kv, _, block_size, _ = k_cache.shape
+    assert q.stride(-1) == 1 and n_head % n_kv == 0 and k_cache.shape[-1] == d
+    if n_splits is None:
+        n_splits = decode_splits(n_seq, n_kv, max(meta.context_lens_host),
+                                 n_multiprocessors(q.device))
+    part = torch.empty(n_seq, n_head, n_splits, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(n_seq, n_head, n_splits, dtype=torch.float32, device=q.device)
+    # a GPU tl.dot needs 16 rows: the G query heads of a KV head are padded up to that
+    g_pad = group_pad(n_head // n_kv, 16)
+    _decode_attention_kernel[(n_seq, n_kv, n_splits)](
+        q, k_cache, v_cache, part, lse, meta.block_tables, meta.context_lens,
+        scale * math.log2(math.e), q.stride(0), q.stride(1), *k_cache.stride()[:3],
+        meta.block_tables.stride(0), GROUP=n_head // n_kv, GROUP_PAD=g_pad, N_SPLITS=n_splits,
+        BLOCK_N=block_n, BLOCK_SIZE=block_size, HEAD_D=d, BLOCK_D=dot_width(d),
+        DOT_PRECISION=dot_precision(q.dtype))
+    out = torch.empty_like(q) if out is None else out
+    _merge_splits_kernel[(n_seq, n_head)](
+        part, lse, out, out.stride(0), out.stride(1), N_SPLITS=n_splits,
+        SPLITS_PAD=triton.next_power_of_2(n_splits), HEAD_D=d, BLOCK_D=triton.next_power_of_2(d))
+    return out
+
+
 def decode_attention(q, k_cache, v_cache, meta: AttnMeta, scale):
+    if use_triton(q):
+        return decode_attention_triton(q, k_cache, v_cache, meta, scale)
     return decode_attention_ref(q, k_cache, v_cache, meta, scale)
 
 
