@@ -8,12 +8,14 @@ configuration with its conditions, and the machine it ran on.
     python bench.py prefix     # TTFT with a cached 1000-token system prompt vs cold
     python bench.py throughput # 64 random requests: continuous batching vs transformers
     python bench.py capacity   # sequences that fit a KV budget, with and without sharing
-    python bench.py all
+    python bench.py kernels    # GPU: Triton decode GB/s and prefill TFLOP/s vs torch SDPA
+    python bench.py all        # every section (kernels only where there is a GPU)
 
 What this is not: a test (tests assert, this measures) or a load generator. Timings on a
 shared CPU are noisy: compare the ratios of rows measured in the same run, and repeat.
 """
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -345,12 +347,129 @@ def bench_cache(args):
         fig.savefig(args.plot, dpi=120)
         print(f"\nplot: {args.plot}")
 
+# ------------------------------------------------------------------------------------------
+# Triton kernels on a GPU: decode GB/s against the copy bandwidth, prefill TFLOP/s against SDPA
+
+KERNEL_SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # (H, K, D)
+
+
+def time_ms(fn, repeat=20) -> float:
+    """Median milliseconds of fn(): triton's do_bench on a GPU (warm-up, L2 flushed between
+    calls, CUDA events); wall clock on a CPU (the interpreter's dry run of this section)."""
+    if torch.cuda.is_available():
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=5, rep=repeat * 5, return_mode="median")
+    fn()
+    times = []
+    for _ in range(max(1, repeat // 10)):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def copy_bandwidth_gbs(device, n_bytes=1 << 30) -> float:
+    """Device-to-device copy, counting the bytes read and the bytes written."""
+    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    return 2 * n_bytes / time_ms(lambda: dst.copy_(src)) / 1e6
+
+
+def paged_pool(n_seq, n_ctx, n_kv, d, block_size, dtype, device, g):
+    """A (K, N, P, D) pool holding n_seq sequences of n_ctx tokens in shuffled blocks, and the
+    decode metadata of one new token each (already stored: the last position)."""
+    import kernels
+    n_used = -(-n_ctx // block_size)
+    n_blocks = n_seq * n_used
+    k_cache = torch.randn(n_kv, n_blocks, block_size, d, generator=g).to(device, dtype)
+    v_cache = torch.randn(n_kv, n_blocks, block_size, d, generator=g).to(device, dtype)
+    tables = torch.randperm(n_blocks, generator=g).view(n_seq, n_used).to(device)
+    last = tables[:, (n_ctx - 1) // block_size] * block_size + (n_ctx - 1) % block_size
+    ctx = (n_ctx,) * n_seq
+    meta = kernels.AttnMeta(last, tables, torch.tensor(ctx, device=device),
+                            torch.arange(n_seq + 1, device=device), ctx,
+                            tuple(range(n_seq + 1)), block_size)
+    return k_cache, v_cache, meta
+
+
+def bench_kernels(args):
+    """Peers in the same run: torch SDPA on contiguous K/V (the flash backend for prefill),
+    with and without the gather that turns the paged pool into contiguous tensors."""
+    import kernels
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("bench.py kernels needs a CUDA GPU (TRITON_INTERPRET=1 gives a slow "
+                         "dry run of the code on a CPU, with tiny --kernel-* sizes)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    copy_gbs = copy_bandwidth_gbs(device, args.copy_mib << 20)
+    print(f"\nTriton kernels, {str(dtype).removeprefix('torch.')}, block size 16. Machine: "
+          f"{machine()}, triton {__import__('triton').__version__}\n"
+          f"Device-to-device copy: {copy_gbs:.0f} GB/s\n")
+    row("decode", "B x S", "Triton us", "GB/s", "% of copy", "SDPA us (contiguous)",
+        "SDPA us (with gather)", "Triton / SDPA+gather")
+    row(*["---"] * 8)
+    for name, (n_head, n_kv, d) in KERNEL_SHAPES.items():
+        for shape in args.kernel_batches:
+            n_seq, n_ctx = map(int, shape.split("x"))
+            k_cache, v_cache, meta = paged_pool(n_seq, n_ctx, n_kv, d, 16, dtype, device, g)
+            q = torch.randn(n_seq, n_head, d, generator=g).to(device, dtype)
+            scale = d ** -0.5
+            ours = time_ms(lambda: kernels.decode_attention_triton(q, k_cache, v_cache, meta,
+                                                                   scale))
+            # K/V of every context, plus Q and the output
+            n_bytes = (2 * n_seq * n_ctx * n_kv * d + 2 * n_seq * n_head * d) * dtype.itemsize
+
+            def gather():
+                rows = meta.block_tables.reshape(-1)
+                return [c.index_select(1, rows).view(n_kv, n_seq, -1, d)[:, :, :n_ctx]
+                        .transpose(0, 1) for c in (k_cache, v_cache)]  # (B, K, S, D)
+            k, v = (t.contiguous() for t in gather())
+            qh = q.unsqueeze(2)                                           # (B, H, 1, D)
+            sdpa = lambda k, v: F.scaled_dot_product_attention(qh, k, v, scale=scale,  # noqa
+                                                               enable_gqa=True)
+            peer = time_ms(lambda: sdpa(k, v))
+            peer_gather = time_ms(lambda: sdpa(*gather()))
+            gbs = n_bytes / ours / 1e6
+            row(name, shape, f"{1e3 * ours:.1f}", f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%",
+                f"{1e3 * peer:.1f}", f"{1e3 * peer_gather:.1f}", f"{peer_gather / ours:.2f}x")
+            del k_cache, v_cache, k, v
+    print()
+    row("prefill", "tokens", "head dim", "Triton TFLOP/s", "SDPA flash TFLOP/s",
+        "Triton / SDPA")
+    row(*["---"] * 6)
+    n_head, n_kv = 32, 8
+    for d in (64, 128):
+        for n_tok in args.kernel_prefill:
+            k_cache, v_cache, meta = paged_pool(1, n_tok, n_kv, d, 16, dtype, device, g)
+            meta = dataclasses.replace(meta, query_start=torch.tensor([0, n_tok], device=device),
+                                       query_start_host=(0, n_tok))
+            q = torch.randn(n_tok, n_head, d, generator=g).to(device, dtype)
+            scale = d ** -0.5
+            ours = time_ms(lambda: kernels.prefill_attention_triton(q, k_cache, v_cache, meta,
+                                                                    scale))
+            k, v = (kernels.gather_context(k_cache, v_cache, meta.block_tables[0], n_tok))
+            qh = q.transpose(0, 1).unsqueeze(0)                            # (1, H, T, D)
+            kh, vh = (t.repeat_interleave(n_head // n_kv, 0).unsqueeze(0) for t in (k, v))
+            peer = time_ms(lambda: flash_sdpa(qh, kh, vh, scale))
+            flops = 2 * 2 * n_head * d * n_tok * (n_tok + 1) / 2  # QK^T and PV, causal half
+            row("causal, batch 1", n_tok, d, f"{flops / ours / 1e9:.1f}",
+                f"{flops / peer / 1e9:.1f}", f"{peer / ours:.2f}x")
+
+
+def flash_sdpa(q, k, v, scale):
+    """torch SDPA with the flash backend (the math backend on a CPU dry run)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = SDPBackend.FLASH_ATTENTION if q.is_cuda else SDPBackend.MATH
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("what", choices=["engine", "cache", "overhead", "prefix", "throughput",
-                                     "capacity", "all"])
+                                     "capacity", "kernels", "all"])
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded)")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--new", type=int, default=64, help="generated tokens for decode rates")
@@ -367,11 +486,20 @@ def main(argv=None):
     ap.add_argument("--out-min", type=int, default=16)
     ap.add_argument("--out-max", type=int, default=128)
     ap.add_argument("--budget-mib", type=int, default=64, help="KV budget (capacity)")
+    ap.add_argument("--kernel-batches", nargs="+", default=["1x16384", "16x4096", "64x4096"],
+                    help="decode batch x context (kernels)")
+    ap.add_argument("--kernel-prefill", type=int, nargs="+", default=[1024, 4096, 16384],
+                    help="prefill tokens (kernels)")
+    ap.add_argument("--copy-mib", type=int, default=1024, help="copy-bandwidth buffer (kernels)")
     args = ap.parse_args(argv)
     sections = {"engine": bench_engine, "overhead": bench_overhead, "prefix": bench_prefix,
-                "capacity": bench_capacity, "throughput": bench_throughput, "cache": bench_cache}
+                "capacity": bench_capacity, "throughput": bench_throughput, "cache": bench_cache,
+                "kernels": bench_kernels}
     try:
         for name, run in sections.items():  # `all` runs them in this order
+            if name == "kernels" and args.what == "all" and not torch.cuda.is_available():
+                print("\nkernels: skipped, no CUDA GPU here")
+                continue
             if args.what in (name, "all"):
                 run(args)
     except ValueError as e:

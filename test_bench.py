@@ -2,6 +2,8 @@
 bench.py runs end to end on a tiny checkpoint: every table row is printed, the ratios are
 computed from the same run, and the plot is written.
 """
+import torch
+
 import bench
 from conftest import make_checkpoint
 
@@ -28,3 +30,16 @@ def test_bench_all_runs_on_a_tiny_model(tmp_path, capsys):
     off = next(r for r in rows if r.startswith("| off (every prompt unique) | "))
     assert int(on.split("|")[2]) > int(off.split("|")[2])  # sharing fits more sequences
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_kernels_runs(capsys):
+    """The GPU section end to end: compiled on a GPU; on a CPU a dry run in Triton's
+    interpreter on tiny sizes (conftest.py sets TRITON_INTERPRET=1)."""
+    sizes = [] if torch.cuda.is_available() else [
+        "--kernel-batches", "2x20", "--kernel-prefill", "24", "--copy-mib", "1"]
+    assert bench.main(["kernels", *sizes]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    for shape in bench.KERNEL_SHAPES:
+        assert any(r.startswith(f"| {shape} | ") and r.endswith("x |") for r in rows), shape
+    n_prefill = 1 if sizes else 3  # the default: 1k, 4k and 16k tokens
+    assert sum(r.startswith("| causal, batch 1 | ") for r in rows) == 2 * n_prefill
