@@ -14,8 +14,11 @@ prefix, or n samples forked from one prompt) is copied before anyone writes into
 (copy-on-write). A block nobody references keeps its contents and hash, and stays reusable
 until the allocator needs it: then the least recently freed such block is evicted.
 
-Layout: (n_layer, 2, K, N, P, D); see KVCache. Memory: every token stores one K and one V vector per layer and KV head, so
-    bytes_per_token = 2 * n_layer * n_kv_head * head_dim * bytes_per_element.
+Layout: (n_layer, 2, K, N, P, D); see KVCache. Memory: every token stores one K and one V
+vector per layer and KV head, so
+    bytes_per_token = 2 * n_layer * n_kv_head * head_dim * bytes_per_element
+and a quantized pool (int8, or fp8 e4m3) adds one fp32 scale per vector:
+    bytes_per_token = 2 * n_layer * n_kv_head * (head_dim * 1 + 4).
 
 What this file deliberately is not: a scheduler (it never decides who runs) or a model (the
 only tensor work here is the pool itself and block copies). Every operation either succeeds or
@@ -24,6 +27,8 @@ raises before changing anything; `check_invariants()` asserts the bookkeeping.
 Tests: `pytest test_cache.py`.
 """
 import math
+import os
+import re
 from collections import OrderedDict, deque
 
 import torch
@@ -33,14 +38,56 @@ class CacheFull(RuntimeError):
     """The pool has no free block for a requested append. Nothing was changed."""
 
 
+# the storage of a KV pool: a float dtype, or a quantized one (values plus per-vector scales)
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+QUANTIZED = (torch.int8, torch.float8_e4m3fn)
+SCALE_DTYPE = torch.float32
+
+
 def bytes_per_token(n_layer, n_kv_head, head_dim, dtype) -> int:
-    """K and V, every layer, every KV head: 2 * L * K * D * bytes_per_element."""
-    return 2 * n_layer * n_kv_head * head_dim * torch.empty((), dtype=dtype).element_size()
+    """K and V, every layer, every KV head: 2 * L * K * D * bytes_per_element, plus one scale
+    per vector for a quantized dtype."""
+    per_vector = head_dim * dtype.itemsize + (SCALE_DTYPE.itemsize if dtype in QUANTIZED else 0)
+    return 2 * n_layer * n_kv_head * per_vector
 
 
 def blocks_for_budget(budget_bytes, block_size, n_layer, n_kv_head, head_dim, dtype) -> int:
     """How many whole blocks fit in a memory budget."""
     return int(budget_bytes // (block_size * bytes_per_token(n_layer, n_kv_head, head_dim, dtype)))
+
+
+UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+         "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def free_memory(device) -> int:
+    """Bytes free now: on a GPU what the CUDA driver reports, on a CPU the available RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def parse_budget(budget, device="cpu") -> int:
+    """A memory budget in bytes from: an int (bytes); a string with a unit, '2GiB', '512 MiB',
+    '1.5GB'; or a float in (0, 1], that fraction of the memory free now on the device."""
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(f"a fractional KV budget must be in (0, 1], not {budget}")
+        return int(budget * free_memory(device))
+    if isinstance(budget, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
+        if not m or m.group(2).lower() not in UNITS:
+            raise ValueError(f"KV budget {budget!r}: give bytes with a unit, like 2GiB or 512MiB, "
+                             f"or a fraction of free memory, like 0.9")
+        number, unit = float(m.group(1)), m.group(2).lower()
+        if unit == "" and number <= 1 and "." in m.group(1):
+            return parse_budget(number, device)
+        budget = int(number * UNITS[unit])
+    if not isinstance(budget, int) or budget <= 0:
+        raise ValueError(f"KV budget must be a positive size, not {budget!r}")
+    return budget
 
 
 def chain_hash(parent_hash, tokens) -> int:
@@ -53,7 +100,11 @@ class KVCache:
     """The pool `kv` has shape (n_layer, 2, K, N, P, D): kv[layer, 0] is the K cache and
     kv[layer, 1] the V cache of that layer, each (K, N, P, D) and contiguous. Heads outermost:
     gathering a sequence's blocks then yields (K, S, D) per head directly, the layout the
-    attention matmuls want, with no transposing copy."""
+    attention matmuls want, with no transposing copy.
+
+    dtype int8 or fp8 (torch.float8_e4m3fn) quantizes the pool: `scales` (n_layer, 2, K, N, P)
+    holds one fp32 scale per stored vector, beside its block, and moves with it (copy-on-write
+    copies both). The kernels quantize on store and dequantize on load."""
 
     def __init__(self, n_layer, n_kv_head, head_dim, n_blocks, block_size=16,
                  dtype=torch.float32, device="cpu"):
@@ -63,8 +114,12 @@ class KVCache:
         self.n_blocks, self.block_size, self.dtype = n_blocks, block_size, dtype
         self.kv = torch.zeros(n_layer, 2, n_kv_head, n_blocks, block_size, head_dim,
                               dtype=dtype, device=device)
-        # per layer (k_cache, v_cache) views, built once: the model indexes these every step
-        self.layers = [(layer[0], layer[1]) for layer in self.kv]
+        self.scales = torch.zeros(n_layer, 2, n_kv_head, n_blocks, block_size, dtype=SCALE_DTYPE,
+                                  device=device) if dtype in QUANTIZED else None
+        # per layer (k_cache, v_cache, kv_scales) views, built once: the model indexes these
+        # every step; kv_scales is (k_scales, v_scales) for a quantized pool, else None
+        self.layers = [(layer[0], layer[1], None if self.scales is None else
+                        (self.scales[i, 0], self.scales[i, 1])) for i, layer in enumerate(self.kv)]
         self.bytes_per_token = bytes_per_token(n_layer, n_kv_head, head_dim, dtype)
         # per physical block
         self.ref_counts = [0] * n_blocks          # block-table references
@@ -175,6 +230,8 @@ class KVCache:
         """Copy-on-write: a private copy of src's contents, every layer, K and V."""
         dst = self._allocate()
         self.kv[:, :, :, dst] = self.kv[:, :, :, src]
+        if self.scales is not None:
+            self.scales[:, :, :, dst] = self.scales[:, :, :, src]
         self._release(src)
         return dst
 

@@ -150,30 +150,48 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_kv_dtype(kv_dtype, dtype, device) -> torch.dtype:
+    """The KV pool's storage: the model's dtype (None, "auto"), or int8 / fp8, quantized."""
+    if kv_dtype in (None, "auto") or kv_dtype == dtype:
+        return dtype
+    if kv_dtype not in ("int8", "fp8"):
+        raise ValueError(f"unsupported kv_dtype {kv_dtype!r} (auto, int8 or fp8)")
+    if kv_dtype == "fp8" and device.type == "cuda" and \
+            torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError("kv_dtype fp8 needs a GPU of compute capability 8.9 or newer "
+                         "(Ada, Hopper); use int8")
+    return cache_mod.KV_DTYPES[kv_dtype]
+
+
 class LLM:
     """A model, its tokenizer and one paged KV cache.
 
     model: None for the embedded SmolLM2-135M-Instruct, else an HF directory or a .gguf file.
-    n_blocks: KV pool size in blocks of block_size tokens; None sizes it from kv_budget_bytes
+    kv_dtype: None stores the cache in the model's dtype; "int8" or "fp8" (e4m3, GPUs of
+    compute capability 8.9 and up, or the CPU reference) quantize it, one scale per vector.
+    n_blocks: KV pool size in blocks of block_size tokens; None sizes it from kv_budget: bytes,
+    a size string like "2GiB", or a float in (0, 1], the fraction of free device memory
     (capped at 64 full contexts). max_batch_tokens bounds the tokens computed in one step."""
 
     def __init__(self, model=None, device="cpu", dtype=None, block_size=16, n_blocks=None,
-                 kv_budget_bytes=256 << 20, max_batch_tokens=2048):
+                 kv_budget="256MiB", max_batch_tokens=2048, kv_dtype=None):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda requested but no CUDA device is available")
         self.dtype = resolve_dtype(dtype, self.device)
         if block_size < 1 or (n_blocks is not None and n_blocks < 1) or max_batch_tokens < 1:
             raise ValueError("block_size, n_blocks and max_batch_tokens must be >= 1")
+        self.kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype, self.device)
+        kv_budget = cache_mod.parse_budget(kv_budget, self.device)  # bad input fails early
         self.model_path = str(model if model is not None else model_mod.default_model_path())
         self.model, self.tokenizer = model_mod.load(self.model_path, self.dtype, self.device)
         cfg = self.cfg = self.model.cfg
         if n_blocks is None:
-            n_blocks = cache_mod.blocks_for_budget(kv_budget_bytes, block_size, cfg.n_layer,
-                                                   cfg.n_kv_head, cfg.head_dim, self.dtype)
+            n_blocks = cache_mod.blocks_for_budget(kv_budget, block_size, cfg.n_layer,
+                                                   cfg.n_kv_head, cfg.head_dim, self.kv_dtype)
             n_blocks = max(1, min(n_blocks, 64 * math.ceil(cfg.max_seq_len / block_size)))
         self.cache = cache_mod.KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, n_blocks,
-                                       block_size, self.dtype, self.device)
+                                       block_size, self.kv_dtype, self.device)
         self.max_batch_tokens = max_batch_tokens
         self.peak_blocks = 0  # most blocks in use during the last generate() call
         self.n_preemptions = 0  # sequences preempted (and later recomputed), ever
@@ -465,7 +483,12 @@ def parse_args(argv):
     ap.add_argument("--prompt-file", help="file with one prompt per line, generated as a batch")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     ap.add_argument("--n-blocks", type=int, default=None,
-                    help="KV cache blocks (default: as many as 256 MiB hold)")
+                    help="KV cache blocks (default: as many as --kv-budget holds)")
+    ap.add_argument("--kv-budget", default="256MiB",
+                    help="KV cache memory: a size (2GiB, 512MiB) or a fraction of free memory")
+    ap.add_argument("--kv-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                    help="KV cache storage: the model's dtype, or quantized with one scale per "
+                         "vector (int8: half of bf16; fp8 on GPUs of compute capability 8.9+)")
     return ap.parse_args(argv)
 
 
@@ -524,7 +547,7 @@ def main(argv=None):
             raise ValueError("empty prompt")
         prompts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt]
         llm = LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
-                  n_blocks=args.n_blocks)
+                  n_blocks=args.n_blocks, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype)
         if args.chat:
             return run_chat(llm, params)
         use_cache = not args.no_cache

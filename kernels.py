@@ -120,15 +120,23 @@ def use_triton(x: torch.Tensor) -> bool:
     return force == "triton" or (force == "" and x.is_cuda)
 
 
-def check_cache(k_cache, v_cache, q):
-    """What every launcher assumes of a layer's cache before it computes addresses."""
+def check_cache(k_cache, v_cache, q, kv_scales):
+    """What every launcher assumes of a layer's cache before it computes addresses. Returns
+    the scales' pointers and strides for a quantized cache (the cache itself, unused, else)."""
     assert k_cache.shape == v_cache.shape and k_cache.dim() == 4, "cache: (K, N, P, D) each"
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, \
         "k_cache and v_cache: the same strides, D contiguous"
-    assert k_cache.dtype == v_cache.dtype == q.dtype, \
-        f"dtypes differ: cache {k_cache.dtype}, input {q.dtype}"
     assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), \
         f"Triton kernels take fp32, fp16 or bf16, not {q.dtype}"
+    if kv_scales is None:
+        assert k_cache.dtype == v_cache.dtype == q.dtype, \
+            f"dtypes differ: cache {k_cache.dtype}, input {q.dtype}"
+        return k_cache, v_cache, 0, 0
+    k_scales, v_scales = kv_scales
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in QMAX, k_cache.dtype
+    assert k_scales.shape == v_scales.shape == k_cache.shape[:3] and k_scales.stride() == \
+        v_scales.stride() and k_scales.stride(-1) == 1, "scales: (K, N, P) each"
+    return k_scales, v_scales, k_scales.stride(0), k_scales.stride(1)
 
 
 def dot_precision(dtype) -> str:
@@ -138,78 +146,140 @@ def dot_precision(dtype) -> str:
 
 
 # ------------------------------------------------------------------------------------------
+# a quantized cache: int8 or fp8 values, one fp32 scale per (token, KV head), K and V alike
+
+QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}  # the largest value of each format
+
+
+def quantize_ref(x, dtype):
+    """x (..., D) -> values (..., D) in dtype, scales (...) fp32. Symmetric, one scale per
+    vector: scale = max|x| / QMAX, so the vector's largest element maps to the format's
+    largest value; int8 rounds to nearest (halves away from zero), so |x - scale * value|
+    <= scale / 2; fp8 e4m3 keeps 3 mantissa bits, a relative error of at most 2^-4.
+    A zero vector gets scale 0 (and dequantizes to exactly 0)."""
+    xf = x.float()
+    scale = xf.abs().amax(-1) / QMAX[dtype]
+    y = xf / torch.where(scale == 0, 1.0, scale).unsqueeze(-1)
+    if dtype == torch.int8:
+        y = (torch.floor(y.abs() + 0.5) * y.sign()).clamp(-127, 127)
+    return y.to(dtype), scale
+
+
+def dequantize_ref(values, scales, dtype):
+    """The inverse: values (..., D) times their scales (...), in dtype."""
+    return (values.float() * scales.unsqueeze(-1)).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------
 # store K/V into slots
 
-def store_kv_ref(k, v, k_cache, v_cache, meta: AttnMeta):
+def store_kv_ref(k, v, k_cache, v_cache, meta: AttnMeta, kv_scales=None):
     """Write the new tokens' k, v (T, K, D) into the pool, token t at slot_mapping[t], i.e.
     block slot // P, offset slot % P. In place: the pool is the cache's own tensor, and
-    writing into it is the point."""
+    writing into it is the point. kv_scales: (k_scales, v_scales), each (K, N, P), for a
+    quantized pool: the vectors are quantized here, on the way in."""
     block, offset = meta.slot_block_offset
-    k_cache.permute(1, 2, 0, 3).index_put_((block, offset), k)  # a (N, P, K, D) view
-    v_cache.permute(1, 2, 0, 3).index_put_((block, offset), v)
+    for x, cache, scales in zip((k, v), (k_cache, v_cache), kv_scales or (None, None)):
+        if scales is not None:
+            x, s = quantize_ref(x, cache.dtype)                             # (T, K, D), (T, K)
+            scales.permute(1, 2, 0).index_put_((block, offset), s)          # a (N, P, K) view
+        cache.permute(1, 2, 0, 3).index_put_((block, offset), x)            # a (N, P, K, D) view
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+def _store_vector(x_ptr, cache_ptr, scale_ptr, d, d_ok, QMAX: tl.constexpr,
+                  QUANT: tl.constexpr, IS_INT: tl.constexpr):
+    """Copy one D-vector into the cache; quantized: scale by max|x| / QMAX as quantize_ref."""
+    x = tl.load(x_ptr + d, mask=d_ok, other=0.0)
+    if QUANT:
+        x = x.to(tl.float32)
+        scale = tl.max(tl.abs(x), 0) / QMAX
+        x = x / tl.where(scale == 0.0, 1.0, scale)
+        if IS_INT:  # round to nearest, halves away from zero (the conversion truncates)
+            x = tl.minimum(tl.maximum(tl.floor(tl.abs(x) + 0.5), 0.0), QMAX) * \
+                tl.where(x < 0, -1.0, 1.0)
+        tl.store(scale_ptr, scale)
+    tl.store(cache_ptr + d, x.to(cache_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr,
+                     slot_ptr,
                      s_kt, s_kh, s_vt, s_vh,  # strides of k, v (T, K, D); D's stride is 1
                      s_ch, s_cn, s_cp,        # strides of a cache (K, N, P, D); D's stride is 1
-                     BLOCK_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per (token, KV head): copy D elements of K and of V into the token's slot.
-    Offsets are int64: a pool of 2^31 elements is only 4 GiB of bf16."""
+                     s_sh, s_sn,              # strides of the scales (K, N, P); P's stride is 1
+                     BLOCK_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                     QMAX: tl.constexpr, QUANT: tl.constexpr, IS_INT: tl.constexpr):
+    """One program per (token, KV head): copy D elements of K and of V into the token's slot
+    (quantizing them, and writing their scales, for an int8 / fp8 pool). Offsets are int64:
+    a pool of 2^31 elements is only 4 GiB of bf16."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
+    block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
     d = tl.arange(0, BLOCK_D)  # BLOCK_D: D rounded up to a power of two, masked
     d_ok = d < HEAD_D
-    dst = h * s_ch + (slot // BLOCK_SIZE) * s_cn + (slot % BLOCK_SIZE) * s_cp + d
-    tl.store(k_cache_ptr + dst, tl.load(k_ptr + t * s_kt + h * s_kh + d, mask=d_ok), mask=d_ok)
-    tl.store(v_cache_ptr + dst, tl.load(v_ptr + t * s_vt + h * s_vh + d, mask=d_ok), mask=d_ok)
+    dst = h * s_ch + block * s_cn + offset * s_cp
+    at = h * s_sh + block * s_sn + offset
+    _store_vector(k_ptr + t * s_kt + h * s_kh, k_cache_ptr + dst, k_scales_ptr + at, d, d_ok,
+                  QMAX, QUANT, IS_INT)
+    _store_vector(v_ptr + t * s_vt + h * s_vh, v_cache_ptr + dst, v_scales_ptr + at, d, d_ok,
+                  QMAX, QUANT, IS_INT)
 
 
-def store_kv_triton(k, v, k_cache, v_cache, meta: AttnMeta):
-    check_cache(k_cache, v_cache, k)
+def store_kv_triton(k, v, k_cache, v_cache, meta: AttnMeta, kv_scales=None):
+    k_scales, v_scales, s_sh, s_sn = check_cache(k_cache, v_cache, k, kv_scales)
     n_tok, n_kv, d = k.shape
     assert v.shape == k.shape and k.stride(-1) == 1 and v.stride(-1) == 1, "k, v: (T, K, D)"
     assert k_cache.shape[0] == n_kv and k_cache.shape[-1] == d, "k/v and the cache disagree"
     _store_kv_kernel[(n_tok, n_kv)](
-        k, v, k_cache, v_cache, meta.slot_mapping, k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), *k_cache.stride()[:3], BLOCK_SIZE=k_cache.shape[2], HEAD_D=d,
-        BLOCK_D=triton.next_power_of_2(d))
+        k, v, k_cache, v_cache, k_scales, v_scales, meta.slot_mapping, k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), *k_cache.stride()[:3], s_sh, s_sn,
+        BLOCK_SIZE=k_cache.shape[2], HEAD_D=d, BLOCK_D=triton.next_power_of_2(d),
+        QMAX=QMAX.get(k_cache.dtype, 0.0), QUANT=kv_scales is not None,
+        IS_INT=k_cache.dtype == torch.int8)
 
 
-def store_kv(k, v, k_cache, v_cache, meta: AttnMeta):
+def store_kv(k, v, k_cache, v_cache, meta: AttnMeta, kv_scales=None):
     if use_triton(k):
-        return store_kv_triton(k, v, k_cache, v_cache, meta)
-    return store_kv_ref(k, v, k_cache, v_cache, meta)
+        return store_kv_triton(k, v, k_cache, v_cache, meta, kv_scales)
+    return store_kv_ref(k, v, k_cache, v_cache, meta, kv_scales)
 
 
 # ------------------------------------------------------------------------------------------
 # Triton: one tile of keys for a tile of query rows (shared by prefill and decode)
 
 @triton.jit
-def _attend_tile(q, acc, m_i, l_i, k_base, v_base, table_ptr, start, k_end, q_pos, qk_scale,
-                 s_cn, s_cp, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+def _attend_tile(q, acc, m_i, l_i, k_base, v_base, ks_base, vs_base, table_ptr, start, k_end,
+                 q_pos, qk_scale, s_cn, s_cp, s_sn, BLOCK_N: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MASKED: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over the keys start..start+BLOCK_N of one sequence, one KV head.
     q (M, BLOCK_D) rows, acc (M, BLOCK_D) fp32 unnormalised output, m_i (M,) running max of
     the scores in log2 units, l_i (M,) running sum of exp2(score - m_i). Key j lives in block
     table[j // P] at offset j % P. MASKED: keys at or past k_end, or after a row's own
-    position q_pos, are left out; tiles wholly below the causal diagonal skip the mask."""
+    position q_pos, are left out; tiles wholly below the causal diagonal skip the mask.
+    QUANT: the cache holds int8 / fp8 values with one scale per key (ks_base, vs_base)."""
     kpos = start + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_D
+    k_ok = kpos < k_end  # always true on an unmasked tile
     if MASKED:
-        k_ok = kpos < k_end
         block = tl.load(table_ptr + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         kv_mask = k_ok[:, None] & d_ok[None, :]
     else:
         block = tl.load(table_ptr + kpos // BLOCK_SIZE).to(tl.int64)
         kv_mask = d_ok[None, :]
     offs = (block * s_cn + (kpos % BLOCK_SIZE) * s_cp)[:, None] + d[None, :]  # (BLOCK_N, BLOCK_D)
+    scale_offs = block * s_sn + kpos % BLOCK_SIZE                              # (BLOCK_N,)
     k = tl.load(k_base + offs, mask=kv_mask, other=0.0)
     # exp(x * scale) == exp2(x * scale * log2(e)): qk_scale carries the log2(e)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, BLOCK_N) fp32
+    if QUANT:  # int8 / fp8 values are exact in q's dtype; each key's scale scales its column
+        k_scale = tl.load(ks_base + scale_offs, mask=k_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * \
+            (k_scale * qk_scale)[None, :]                                  # (M, BLOCK_N) fp32
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         allowed = (kpos[None, :] <= q_pos[:, None]) & k_ok[None, :]
         qk = tl.where(allowed, qk, float("-inf"))
@@ -218,6 +288,9 @@ def _attend_tile(q, acc, m_i, l_i, k_base, v_base, table_ptr, start, k_end, q_po
     p = tl.math.exp2(qk - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)  # rescales what was summed under the old maximum
     v = tl.load(v_base + offs, mask=kv_mask, other=0.0)
+    if QUANT:  # dequantize V into q's dtype, as the reference does
+        v_scale = tl.load(vs_base + scale_offs, mask=k_ok, other=0.0)
+        v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
@@ -238,14 +311,25 @@ def _query_rows(tile, n_q, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr
 # attention of new queries over each sequence's paged context (prefill, chunked prefill,
 # prefix-cache hits, speculative verification all take this path)
 
-def gather_context(k_cache, v_cache, block_table, n_ctx):
-    """The first n_ctx tokens of one sequence as contiguous (K, S, D) tensors."""
-    n_kv, _, block_size, d = k_cache.shape
+def gather_blocks(cache, scales, rows, dtype):
+    """Rows of a layer's cache viewed as (K N, P, D), each one head's copy of one block (a
+    dim-0 gather), dequantized to dtype when the pool is quantized: (len(rows), P, D)."""
+    n_kv, n_blocks, block_size, d = cache.shape
+    x = cache.view(n_kv * n_blocks, block_size, d).index_select(0, rows)
+    if scales is None:
+        return x
+    return dequantize_ref(x, scales.view(n_kv * n_blocks, block_size).index_select(0, rows),
+                          dtype)
+
+
+def gather_context(k_cache, v_cache, block_table, n_ctx, kv_scales=None, dtype=None):
+    """The first n_ctx tokens of one sequence as contiguous (K, S, D) tensors (in dtype)."""
+    n_kv, n_blocks, block_size, d = k_cache.shape
     n_used = -(-n_ctx // block_size)
-    blocks = block_table[:n_used]
-    k = k_cache.index_select(1, blocks).view(n_kv, n_used * block_size, d)[:, :n_ctx]
-    v = v_cache.index_select(1, blocks).view(n_kv, n_used * block_size, d)[:, :n_ctx]
-    return k, v
+    heads = torch.arange(n_kv, device=block_table.device).unsqueeze(1) * n_blocks  # (K, 1)
+    rows = (heads + block_table[:n_used].unsqueeze(0)).view(-1)            # (K n_used,)
+    return [gather_blocks(c, s, rows, dtype).view(n_kv, n_used * block_size, d)[:, :n_ctx]
+            for c, s in zip((k_cache, v_cache), kv_scales or (None, None))]
 
 
 def causal_attention_one(q, k, v, scale):
@@ -269,7 +353,7 @@ def causal_attention_one(q, k, v, scale):
     return out.permute(2, 0, 1, 3).reshape(n_q, n_head, d)              # (K, G, Tq, D) -> ...
 
 
-def prefill_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale):
+def prefill_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None):
     """q (T, H, D) packed new queries -> (T, H, D). Each sequence attends over its paged context
     (cached prefix plus its new tokens, already stored), causally. In a mixed batch the
     sequences that decode (one new token) go through the batched decode path together."""
@@ -278,24 +362,26 @@ def prefill_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale):
     decoding = meta.decode_subset
     if decoding is not None:
         rows, sub_meta = decoding
-        out[rows] = decode_attention_ref(q[rows], k_cache, v_cache, sub_meta, scale)
+        out[rows] = decode_attention_ref(q[rows], k_cache, v_cache, sub_meta, scale, kv_scales)
     for b in range(len(cl)):
         if decoding is None or qs[b + 1] - qs[b] > 1:
-            k, v = gather_context(k_cache, v_cache, meta.block_tables[b], cl[b])
+            k, v = gather_context(k_cache, v_cache, meta.block_tables[b], cl[b], kv_scales,
+                                  q.dtype)
             out[qs[b]:qs[b + 1]] = causal_attention_one(q[qs[b]:qs[b + 1]], k, v, scale)
     return out
 
 
 @triton.jit
 def _prefill_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr,
-        query_start_ptr, qk_scale,
+        q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, out_ptr, block_tables_ptr,
+        context_lens_ptr, query_start_ptr, qk_scale,
         s_qt, s_qh, s_ot, s_oh,  # strides of q and out (T, H, D)
         s_ch, s_cn, s_cp,        # strides of a cache (K, N, P, D)
+        s_sh, s_sn,              # strides of the scales (K, N, P), quantized caches only
         s_bt,                    # row stride of block_tables (B, max_blocks)
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_D: tl.constexpr,
-        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_D: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program (b, tile, kv_head): BLOCK_Q new queries of sequence b, for the G query heads of
     one KV head, over the sequence's paged context. Query i of n_q new ones sits at position
     n_ctx - n_q + i (a cached prefix shifts the diagonal) and sees keys 0..its position."""
@@ -317,18 +403,22 @@ def _prefill_attention_kernel(
         n_full = (q_lo + 1) // BLOCK_N * BLOCK_N          # keys every row sees: no mask
         k_base = k_cache_ptr + kv_head * s_ch
         v_base = v_cache_ptr + kv_head * s_ch
+        ks_base = k_scales_ptr + kv_head * s_sh
+        vs_base = v_scales_ptr + kv_head * s_sh
         table = block_tables_ptr + b.to(tl.int64) * s_bt
         m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
         acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], tl.float32)
         for start in range(0, n_full, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, table, start, n_ctx,
-                                         q_pos, qk_scale, s_cn, s_cp, BLOCK_N, BLOCK_SIZE,
-                                         HEAD_D, BLOCK_D, False, DOT_PRECISION)
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, ks_base, vs_base,
+                                         table, start, n_ctx, q_pos, qk_scale, s_cn, s_cp, s_sn,
+                                         BLOCK_N, BLOCK_SIZE, HEAD_D, BLOCK_D, False, QUANT,
+                                         DOT_PRECISION)
         for start in range(n_full, k_hi, BLOCK_N):  # the tiles the diagonal crosses
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, table, start, n_ctx,
-                                         q_pos, qk_scale, s_cn, s_cp, BLOCK_N, BLOCK_SIZE,
-                                         HEAD_D, BLOCK_D, True, DOT_PRECISION)
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, ks_base, vs_base,
+                                         table, start, n_ctx, q_pos, qk_scale, s_cn, s_cp, s_sn,
+                                         BLOCK_N, BLOCK_SIZE, HEAD_D, BLOCK_D, True, QUANT,
+                                         DOT_PRECISION)
         out = acc / l_i[:, None]
         tl.store(out_ptr + ((q_start + i) * s_ot)[:, None] + (head * s_oh)[:, None] + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -344,12 +434,12 @@ def dot_width(d) -> int:
     return max(triton.next_power_of_2(d), 16)
 
 
-def prefill_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, out=None,
-                             block_m=64, block_n=64):
+def prefill_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None,
+                             out=None, block_m=64, block_n=64):
     """Launcher: one program per (sequence, tile of queries, KV head); a tile packs about
     block_m rows (queries x padded GQA group). out: where to write (tests pass a poisoned
     tensor, to catch elements the kernel never writes)."""
-    check_cache(k_cache, v_cache, q)
+    k_scales, v_scales, s_sh, s_sn = check_cache(k_cache, v_cache, q, kv_scales)
     n_tok, n_head, d = q.shape
     n_kv, _, block_size, _ = k_cache.shape
     assert q.stride(-1) == 1 and n_head % n_kv == 0 and k_cache.shape[-1] == d
@@ -360,25 +450,25 @@ def prefill_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, out=Non
     block_q = max(1, block_m // g_pad)
     grid = (len(qs) - 1, triton.cdiv(max_q, block_q), n_kv)
     _prefill_attention_kernel[grid](
-        q, k_cache, v_cache, out, meta.block_tables, meta.context_lens, meta.query_start,
-        scale * math.log2(math.e), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *k_cache.stride()[:3], meta.block_tables.stride(0),
+        q, k_cache, v_cache, k_scales, v_scales, out, meta.block_tables, meta.context_lens,
+        meta.query_start, scale * math.log2(math.e), q.stride(0), q.stride(1), out.stride(0),
+        out.stride(1), *k_cache.stride()[:3], s_sh, s_sn, meta.block_tables.stride(0),
         GROUP=n_head // n_kv, GROUP_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n,
-        BLOCK_SIZE=block_size, HEAD_D=d, BLOCK_D=dot_width(d),
+        BLOCK_SIZE=block_size, HEAD_D=d, BLOCK_D=dot_width(d), QUANT=kv_scales is not None,
         DOT_PRECISION=dot_precision(q.dtype))
     return out
 
 
-def prefill_attention(q, k_cache, v_cache, meta: AttnMeta, scale):
+def prefill_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None):
     if use_triton(q):
-        return prefill_attention_triton(q, k_cache, v_cache, meta, scale)
-    return prefill_attention_ref(q, k_cache, v_cache, meta, scale)
+        return prefill_attention_triton(q, k_cache, v_cache, meta, scale, kv_scales)
+    return prefill_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales)
 
 
 # ------------------------------------------------------------------------------------------
 # decode attention: one new query per sequence, all sequences in one batched computation
 
-def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale):
+def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None):
     """q (B, H, D), one query per sequence at its last position -> (B, H, D). Gathers every
     sequence's blocks, padded to the longest context, and masks the padding. With one query
     position there is no causal mask, so the G query heads of a KV head are simply G rows."""
@@ -389,10 +479,8 @@ def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale):
     n_blocks = k_cache.shape[1]
     # every head's copy of every block, as rows of the (K N, P, D) view: a dim-0 gather
     rows_kn = meta.head_block_rows(n_kv, n_blocks)
-    k = k_cache.view(n_kv * n_blocks, block_size, d).index_select(0, rows_kn) \
-        .view(n_kv, n_seq, n_ctx, d)                                      # (K, B, S, D)
-    v = v_cache.view(n_kv * n_blocks, block_size, d).index_select(0, rows_kn) \
-        .view(n_kv, n_seq, n_ctx, d)
+    k, v = (gather_blocks(c, s, rows_kn, q.dtype).view(n_kv, n_seq, n_ctx, d)  # (K, B, S, D)
+            for c, s in zip((k_cache, v_cache), kv_scales or (None, None)))
     rows = q.view(n_seq, n_kv, n_head // n_kv, d).transpose(0, 1)        # (K, B, G, D)
     if n_seq == 1:  # CPU SDPA is fastest for one sequence (and exact in fp32 accumulation)
         mask = None if valid is None else valid.view(1, 1, n_ctx)
@@ -411,11 +499,11 @@ def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale):
 
 @triton.jit
 def _decode_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, part_ptr, lse_ptr, block_tables_ptr, context_lens_ptr,
-        qk_scale, s_qb, s_qh, s_ch, s_cn, s_cp, s_bt,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, N_SPLITS: tl.constexpr,
+        q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, part_ptr, lse_ptr,
+        block_tables_ptr, context_lens_ptr, qk_scale, s_qb, s_qh, s_ch, s_cn, s_cp, s_sh, s_sn,
+        s_bt, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, N_SPLITS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_D: tl.constexpr,
-        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_D: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program (b, kv_head, split): the one query of sequence b, G query heads as the rows of
     one tl.dot, over the split-th of N_SPLITS equal slices of its context (flash decoding).
     Writes the slice's normalised output part (B, H, N_SPLITS, D) and its log-sum-exp (log2
@@ -439,10 +527,11 @@ def _decode_attention_kernel(
     q_pos = n_ctx - 1 + tl.zeros([GROUP_PAD], tl.int64)  # the query is the last position
     for start in range(k_lo, k_hi, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr + kv_head * s_ch,
-                                     v_cache_ptr + kv_head * s_ch,
+                                     v_cache_ptr + kv_head * s_ch, k_scales_ptr + kv_head * s_sh,
+                                     v_scales_ptr + kv_head * s_sh,
                                      block_tables_ptr + b.to(tl.int64) * s_bt, start, k_hi,
-                                     q_pos, qk_scale, s_cn, s_cp, BLOCK_N, BLOCK_SIZE, HEAD_D,
-                                     BLOCK_D, True, DOT_PRECISION)
+                                     q_pos, qk_scale, s_cn, s_cp, s_sn, BLOCK_N, BLOCK_SIZE,
+                                     HEAD_D, BLOCK_D, True, QUANT, DOT_PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     row = (b * (GROUP * tl.num_programs(1)) + head) * N_SPLITS + split  # (b, head, split)
     tl.store(part_ptr + row[:, None] * HEAD_D + d[None, :], acc / l_safe[:, None], mask=mask)
@@ -482,10 +571,10 @@ def decode_splits(n_seq, n_kv, max_ctx, n_sm, min_keys=256, max_splits=64) -> in
     return max(1, min(want, triton.cdiv(max_ctx, min_keys), max_splits))
 
 
-def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, out=None,
-                            n_splits=None, block_n=64):
+def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None,
+                            out=None, n_splits=None, block_n=64):
     """Launcher: split-K decode, then the merge. n_splits=None picks it from the batch."""
-    check_cache(k_cache, v_cache, q)
+    k_scales, v_scales, s_sh, s_sn = check_cache(k_cache, v_cache, q, kv_scales)
     n_seq, n_head, d = q.shape
     n_kv, _, block_size, _ = k_cache.shape
     assert q.stride(-1) == 1 and n_head % n_kv == 0 and k_cache.shape[-1] == d
@@ -497,11 +586,11 @@ def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, out=None
     # a GPU tl.dot needs 16 rows: the G query heads of a KV head are padded up to that
     g_pad = group_pad(n_head // n_kv, 16)
     _decode_attention_kernel[(n_seq, n_kv, n_splits)](
-        q, k_cache, v_cache, part, lse, meta.block_tables, meta.context_lens,
-        scale * math.log2(math.e), q.stride(0), q.stride(1), *k_cache.stride()[:3],
-        meta.block_tables.stride(0), GROUP=n_head // n_kv, GROUP_PAD=g_pad, N_SPLITS=n_splits,
-        BLOCK_N=block_n, BLOCK_SIZE=block_size, HEAD_D=d, BLOCK_D=dot_width(d),
-        DOT_PRECISION=dot_precision(q.dtype))
+        q, k_cache, v_cache, k_scales, v_scales, part, lse, meta.block_tables,
+        meta.context_lens, scale * math.log2(math.e), q.stride(0), q.stride(1),
+        *k_cache.stride()[:3], s_sh, s_sn, meta.block_tables.stride(0), GROUP=n_head // n_kv,
+        GROUP_PAD=g_pad, N_SPLITS=n_splits, BLOCK_N=block_n, BLOCK_SIZE=block_size, HEAD_D=d,
+        BLOCK_D=dot_width(d), QUANT=kv_scales is not None, DOT_PRECISION=dot_precision(q.dtype))
     out = torch.empty_like(q) if out is None else out
     _merge_splits_kernel[(n_seq, n_head)](
         part, lse, out, out.stride(0), out.stride(1), N_SPLITS=n_splits,
@@ -509,10 +598,10 @@ def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, out=None
     return out
 
 
-def decode_attention(q, k_cache, v_cache, meta: AttnMeta, scale):
+def decode_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None):
     if use_triton(q):
-        return decode_attention_triton(q, k_cache, v_cache, meta, scale)
-    return decode_attention_ref(q, k_cache, v_cache, meta, scale)
+        return decode_attention_triton(q, k_cache, v_cache, meta, scale, kv_scales)
+    return decode_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales)
 
 
 # ------------------------------------------------------------------------------------------
@@ -529,9 +618,9 @@ def dense_causal_attention(q, k, v, query_start, scale):
     return out
 
 
-def paged_attention(q, k_cache, v_cache, meta: AttnMeta, scale):
+def paged_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None):
     """The model's one entry point: decode batches take the decode kernel, anything with more
     than one new token per sequence (prefill, chunks, verification) the prefill kernel."""
     if meta.is_decode:
-        return decode_attention(q, k_cache, v_cache, meta, scale)
-    return prefill_attention(q, k_cache, v_cache, meta, scale)
+        return decode_attention(q, k_cache, v_cache, meta, scale, kv_scales)
+    return prefill_attention(q, k_cache, v_cache, meta, scale, kv_scales)

@@ -207,9 +207,9 @@ class Block(nn.Module):
         if kv_layer is None:  # uncached: attend over this call's tokens only
             a = kernels.dense_causal_attention(q, key, val, meta.query_start_host, scale)
         else:  # write this step's K/V into the pool, then read each sequence's whole context
-            k_cache, v_cache = kv_layer                               # (K, N, P, D) each
-            kernels.store_kv(key, val, k_cache, v_cache, meta)
-            a = kernels.paged_attention(q, k_cache, v_cache, meta, scale)  # (T, H, D)
+            k_cache, v_cache, kv_scales = kv_layer  # (K, N, P, D) each; scales if quantized
+            kernels.store_kv(key, val, k_cache, v_cache, meta, kv_scales)
+            a = kernels.paged_attention(q, k_cache, v_cache, meta, scale, kv_scales)  # (T, H, D)
         x = self.linear_residual(x, a.reshape(n_tok, h * d), self.out)
         m = norm(cfg, self.mlp_norm, x)
         if cfg.arch == "llama":
@@ -253,8 +253,8 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens, positions, meta: kernels.AttnMeta, kv=None, all_logits=False):
         """tokens, positions (T,): a packed ragged batch (see kernels.AttnMeta).
-        kv: per layer (k_cache, v_cache), each (K, N, P, D) (KVCache.layers), or None to
-        attend over this call's tokens only.
+        kv: per layer (k_cache, v_cache, kv_scales) (KVCache.layers), each cache (K, N, P, D),
+        or None to attend over this call's tokens only.
         Returns fp32 logits (B, V) of each sequence's last token, or (T, V) if all_logits."""
         x = self.tok_emb(tokens)                                   # (T, C)
         if self.cfg.arch == "gpt2":

@@ -10,7 +10,7 @@ import torch
 from hypothesis import event, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from cache import CacheFull, KVCache, blocks_for_budget, bytes_per_token
+from cache import CacheFull, KVCache, blocks_for_budget, bytes_per_token, parse_budget
 
 TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=12)  # a tiny alphabet: many hits
 
@@ -204,3 +204,57 @@ def test_bad_settings_are_rejected():
         KVCache(1, 1, 1, n_blocks=0)
     with pytest.raises(ValueError):
         KVCache(1, 1, 1, n_blocks=4, block_size=0)
+
+
+# ------------------------------------------------------------------------------------------
+# quantized pools and memory planning
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8,
+                                   torch.float8_e4m3fn])
+def test_memory_accounting_equals_the_real_tensor_sizes(dtype):
+    """bytes_per_token (the formula, scales included) times the pool's slots is exactly what
+    its tensors occupy; blocks_for_budget never exceeds the budget."""
+    budget = 3 << 20
+    n = blocks_for_budget(budget, 16, 30, 3, 64, dtype)
+    c = KVCache(30, 3, 64, n_blocks=n, block_size=16, dtype=dtype)
+    real = c.kv.nbytes + (0 if c.scales is None else c.scales.nbytes)
+    assert real == n * 16 * c.bytes_per_token <= budget < (n + 1) * 16 * c.bytes_per_token
+    quantized = dtype in (torch.int8, torch.float8_e4m3fn)
+    assert c.bytes_per_token == 2 * 30 * 3 * (64 * dtype.itemsize + 4 * quantized)
+    assert (c.scales is not None) == quantized and (c.layers[0][2] is not None) == quantized
+
+
+def test_int8_pool_is_about_a_quarter_of_fp32():
+    # SmolLM2-135M: 2 * 30 * 3 * (64 + 4) = 12,240 bytes per token against 46,080 in fp32
+    ratio = bytes_per_token(30, 3, 64, torch.int8) / bytes_per_token(30, 3, 64, torch.float32)
+    assert bytes_per_token(30, 3, 64, torch.int8) == 12240 and 0.26 < ratio < 0.27
+
+
+def test_copy_on_write_copies_the_scales():
+    c = KVCache(1, 1, 2, n_blocks=4, block_size=4, dtype=torch.int8)
+    slots = c.append(0, [1, 2])
+    c.kv[0, 0].view(-1, 2)[slots] = torch.tensor([[3, 4], [5, 6]], dtype=torch.int8)
+    c.scales[0, 0].view(-1)[slots] = torch.tensor([0.5, 0.25])
+    c.fork(0, 1)
+    [slot] = c.append(1, [9])  # the shared block is copied before the child writes into it
+    c.check_invariants()
+    copied = c.scales[0, 0].view(-1)[slot - 2:slot]
+    assert slot // 4 != slots[0] // 4 and copied.tolist() == [0.5, 0.25]
+    assert c.kv[0, 0].view(-1, 2)[slot - 2:slot].tolist() == [[3, 4], [5, 6]]
+
+
+@pytest.mark.parametrize("text, want", [
+    ("2GiB", 2 << 30), ("512 MiB", 512 << 20), ("1.5GB", 1_500_000_000), ("4096", 4096),
+    (1 << 20, 1 << 20)])
+def test_parse_budget_sizes(text, want):
+    assert parse_budget(text) == want
+
+
+def test_parse_budget_fraction_of_free_memory():
+    assert 0 < parse_budget(0.5) <= parse_budget(1.0) and parse_budget("0.5") == parse_budget(0.5)
+
+
+@pytest.mark.parametrize("bad", ["2 parsecs", "", "-1GiB", 0, -5, 1.5, 0.0, "GiB"])
+def test_parse_budget_rejects_bad_input(bad):
+    with pytest.raises(ValueError):
+        parse_budget(bad)

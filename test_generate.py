@@ -359,3 +359,59 @@ def test_chat_turns_reuse_the_conversation_cache(llms):
     assert r.returncode == 0, r.stderr
     cached = [int(x) for x in __import__("re").findall(r"cached (\d+)", r.stderr)]
     assert len(cached) == 2 and cached[0] == 0 and cached[1] > 0
+
+
+# ------------------------------------------------------------------------------------------
+# a quantized KV cache
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_quantized_cache_logits_stay_close_to_exact(tiny_dir, arch, kv_dtype):
+    """Prefill, then teacher-forced decode through a quantized cache: every step's logits
+    within a few percent of the logit range of the exact (uncached, fp32) ones. The exact
+    bound of one attention call is test_kernels.py's; through the layers it compounds, so
+    this one is empirical: int8 stays within 1%, fp8 (3 mantissa bits) within 6%."""
+    llm = LLM(str(tiny_dir(arch)), dtype="float32", block_size=4, kv_dtype=kv_dtype)
+    tokens = torch.randint(0, 290, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    [seq] = llm.make_sequences([tokens], SamplingParams(max_new_tokens=1))
+    worst = 0.0
+    try:
+        batch = [(seq, 20, llm.cache.append(seq.id, tokens[:20]))]
+        while True:
+            logits = llm.run_batch(batch)[0]
+            want = dense_logits(llm, tokens[:seq.n_computed])[-1]
+            worst = max(worst, ((logits - want).abs().max() / (want.max() - want.min())).item())
+            if seq.n_computed == len(tokens):
+                break
+            batch = [(seq, 1, llm.cache.append(seq.id, [tokens[seq.n_computed]]))]
+    finally:
+        llm.cache.free(seq.id)
+    assert 0 < worst < {"int8": 0.01, "fp8": 0.06}[kv_dtype]
+
+
+def test_quantized_cache_shares_forks_and_preempts_unchanged(tiny_dir):
+    """Prefix hits, forks, copy-on-write and preemption move whole blocks and their scales:
+    in an int8 pool they give exactly what the same int8 pool gives without them."""
+    path = str(tiny_dir("llama"))
+    p = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    ample = LLM(path, dtype="float32", block_size=4, kv_dtype="int8")
+    prompts = [list(range(3, 30)), list(range(3, 30)) + [5, 6], [9] * 13, [4, 4]]
+    alone = [ample.generate([pr], p)[0].token_ids for pr in prompts]
+    ample.cache.forget_cached()
+    shared = ample.generate(prompts, p)
+    assert [o.token_ids for o in shared] == alone
+    hit = ample.generate([prompts[1]], p)[0]
+    assert hit.n_cached_tokens > 0 and hit.token_ids == alone[1]
+    tight = LLM(path, dtype="float32", block_size=4, kv_dtype="int8", n_blocks=12,
+                max_batch_tokens=8)
+    assert [o.token_ids for o in tight.generate(prompts, p)] == alone
+    assert tight.n_preemptions > 0
+    forks = ample.generate([prompts[2]], SamplingParams(max_new_tokens=6, temperature=1.0,
+                                                        seed=3, n=3, ignore_eos=True))
+    for i, f in enumerate(forks):
+        [one] = ample.generate([prompts[2]], SamplingParams(
+            max_new_tokens=6, temperature=1.0, seed=3 + i, ignore_eos=True))
+        assert f.token_ids == one.token_ids
+    for llm in (ample, tight):
+        llm.cache.check_invariants()
+        assert llm.cache.n_free_blocks == llm.cache.n_blocks

@@ -233,13 +233,14 @@ def test_triton_store_kv_writes_exactly_its_slots(dtype, n_tok, n_kv, d, block_s
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_greedy_generation_triton_equals_reference(tiny_dir, monkeypatch, arch):
+@pytest.mark.parametrize("arch, kv_dtype", [("llama", None), ("gpt2", None), ("llama", "int8")])
+def test_greedy_generation_triton_equals_reference(tiny_dir, monkeypatch, arch, kv_dtype):
     """The whole engine through the Triton kernels (prefill, a prefix hit, chunked prefill,
-    batched decode) gives the reference path's greedy tokens."""
+    batched decode), with an exact or an int8 cache, gives the reference path's greedy
+    tokens."""
     from generate import LLM, SamplingParams
     llm = LLM(str(tiny_dir(arch)), device=DEVICE, dtype="float32", block_size=16,
-              max_batch_tokens=24)
+              max_batch_tokens=24, kv_dtype=kv_dtype)
     prompts = [list(range(3, 40)), list(range(3, 40)) + [7, 8], [5] * 17, [9, 10]]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     runs = {}
@@ -248,3 +249,127 @@ def test_greedy_generation_triton_equals_reference(tiny_dir, monkeypatch, arch):
         llm.cache.forget_cached()
         runs[backend] = [c.token_ids for c in llm.generate(prompts, params)]
     assert runs["triton"] == runs["ref"]
+
+
+# ------------------------------------------------------------------------------------------
+# quantized caches: int8 and fp8 values with one scale per (token, KV head)
+
+QUANT_DTYPES = [torch.int8, torch.float8_e4m3fn]
+
+
+@pytest.mark.parametrize("qdtype", QUANT_DTYPES)
+@given(n=st.integers(1, 6), d=st.sampled_from([1, 8, 64]), magnitude=st.sampled_from(
+    [0.0, 1e-6, 1.0, 1e4]), seed=st.integers(0, 2 ** 16))
+def test_quantize_dequantize_error_is_bounded(qdtype, n, d, magnitude, seed):
+    """int8: every element within half a step (scale / 2) of the original. fp8 e4m3: within
+    2^-4 of its own magnitude (3 mantissa bits), or 2^-10 of a step near zero (subnormals)."""
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x = (x * magnitude).float()
+    values, scales = kernels.quantize_ref(x, qdtype)
+    err = (kernels.dequantize_ref(values, scales, torch.float64) - x.double()).abs()
+    s = scales.double().unsqueeze(-1)
+    if qdtype == torch.int8:
+        assert values.abs().max() <= 127 and (err <= s / 2 * (1 + 1e-6) + 1e-30).all()
+    else:
+        assert (err <= x.double().abs() / 16 + s * 2 ** -10 + 1e-30).all()
+    assert (scales == x.abs().amax(-1) / kernels.QMAX[qdtype]).all()
+
+
+def quantized_pool(k_cache, v_cache, qdtype):
+    """A float pool quantized as the store kernel would have written it: (values, scales)."""
+    (kq, ks), (vq, vs) = (kernels.quantize_ref(c, qdtype) for c in (k_cache, v_cache))
+    return kq, vq, (ks, vs)
+
+
+@settings(max_examples=25)
+@given(case=paged_batches())
+def test_int8_attention_error_is_bounded_by_the_scales(case):
+    """Attention over an int8 cache differs from attention over the exact cache by at most
+    e_v + max|v| (exp(2 delta) - 1), where e_v = the largest V step / 2 and delta = the
+    largest score error, sm_scale * sum_d |q_d| * (k step / 2): a score error of at most
+    delta moves every softmax weight by a factor within exp(+-2 delta)."""
+    k_cache, v_cache, ks, vs, qs, meta = build(*case)
+    kq, vq, scales = quantized_pool(k_cache, v_cache, torch.int8)
+    q = torch.cat(qs)
+    sm = q.shape[-1] ** -0.5
+    exact = kernels.prefill_attention_ref(q, k_cache, v_cache, meta, sm)
+    quant = kernels.prefill_attention_ref(q, kq, vq, meta, sm, scales)
+    g = q.shape[1] // k_cache.shape[0]
+    for b, (s, e) in enumerate(zip(meta.query_start_host, meta.query_start_host[1:])):
+        step_k = gather_scales(scales[0], meta, b).repeat_interleave(g, 0)  # (H, S)
+        step_v = gather_scales(scales[1], meta, b).repeat_interleave(g, 0)
+        v_max = vs[b].abs().amax(dim=(0, 2)).repeat_interleave(g, 0)        # (H,)
+        delta = sm * q[s:e].abs().sum(-1) * step_k.amax(-1) / 2             # (Tq, H)
+        bound = step_v.amax(-1) / 2 + v_max * torch.expm1(2 * delta)
+        err = (quant[s:e] - exact[s:e]).abs().amax(-1)                      # (Tq, H)
+        assert (err <= bound * (1 + 1e-9) + 1e-12).all()
+
+
+def gather_scales(scales, meta, b):
+    """(K, S) scales of sequence b's context."""
+    n_ctx, p = meta.context_lens_host[b], meta.block_size
+    blocks = meta.block_tables[b, :-(-n_ctx // p)]
+    return scales[:, blocks].flatten(1)[:, :n_ctx]
+
+
+@pytest.mark.parametrize("qdtype", QUANT_DTYPES)
+@given(n_tok=st.integers(1, 30), n_kv=st.integers(1, 4), d=st.sampled_from([16, 64, 80]),
+       seed=st.integers(0, 2 ** 16))
+def test_triton_store_quantizes_like_the_reference(qdtype, n_tok, n_kv, d, seed):
+    if qdtype == torch.float8_e4m3fn and not ON_GPU:
+        pytest.skip("the interpreter converts fp32 values that round up to a power of two "
+                    "into fp8 one binade low (-127.6 -> -64); the fp8 store is checked on a GPU")
+    g = torch.Generator().manual_seed(seed)
+    n_blocks, block_size = n_tok // 16 + 2, 16
+    slots = torch.randperm(n_blocks * block_size, generator=g)[:n_tok].to(DEVICE)
+    k, v = (torch.randn(n_tok, n_kv, d, generator=g).to(DEVICE) * 3 for _ in range(2))
+    k[0, 0] = 0.0  # a zero vector: scale 0
+    meta = kernels.AttnMeta(slots, None, None, None, block_size=block_size)
+    shape = (n_kv, n_blocks, block_size, d)
+    pools = [[torch.zeros(shape, dtype=qdtype, device=DEVICE) for _ in range(2)] +
+             [torch.full(shape[:3], float("nan"), device=DEVICE) for _ in range(2)]
+             for _ in range(2)]
+    for store, (kc, vc, ksc, vsc) in zip((kernels.store_kv_triton, kernels.store_kv_ref), pools):
+        store(k, v, kc, vc, meta, (ksc, vsc))
+    (got_k, got_v, got_ks, got_vs), (want_k, want_v, want_ks, want_vs) = pools
+    for got, want in ((got_ks, want_ks), (got_vs, want_vs)):  # unwritten scales stay NaN
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0, equal_nan=True)
+    for got, want in ((got_k, want_k), (got_v, want_v)):
+        # a compiled division may land a value on the other side of a rounding boundary:
+        # one int8 step, or one fp8 step (2^-3 of the value); the interpreter matches exactly
+        slack = 1.0 if qdtype == torch.int8 else want.float().abs() / 8
+        assert ((got.float() - want.float()).abs() <= slack * ON_GPU).all()
+
+
+@pytest.mark.parametrize("qdtype", QUANT_DTYPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@settings(max_examples=15)
+@given(case=kernel_batches(), decode=st.booleans())
+def test_triton_attention_over_a_quantized_cache_matches_reference(qdtype, dtype, case, decode):
+    """Prefill and split-K decode over int8 / fp8 values: the oracle attends over the
+    dequantized context in float64; every scale of a slot outside all contexts is NaN."""
+    dtype = kernel_dtype(dtype)
+    n_kv, group, d, block_size, ctx, new, seed = case
+    if decode:
+        new = [1] * len(ctx)
+    k_cache, v_cache, _, _, qs, meta = build(n_kv, group, d, block_size, ctx, new, seed)
+    kq, vq, (ks, vs) = quantized_pool(k_cache, v_cache, qdtype)
+    want = []
+    for b, (q_b, n_ctx) in enumerate(zip(qs, ctx)):
+        k, v = kernels.gather_context(kq, vq, meta.block_tables[b], n_ctx, (ks, vs),
+                                      torch.float64)
+        want.append(dense_oracle(q_b.to(dtype).double(), k.transpose(0, 1), v.transpose(0, 1)))
+    owned = torch.zeros(ks.shape[1:], dtype=torch.bool)
+    for b, n_ctx in enumerate(ctx):
+        for j in range(n_ctx):
+            owned[meta.block_tables[b, j // block_size], j % block_size] = True
+    ks[:, ~owned] = vs[:, ~owned] = float("nan")
+    dev = dataclasses.replace(meta, **{f: getattr(meta, f).to(DEVICE) for f in (
+        "slot_mapping", "block_tables", "context_lens", "query_start")})
+    q = torch.cat(qs).to(DEVICE, dtype)
+    out = torch.full_like(q, float("nan"))
+    launch = kernels.decode_attention_triton if decode else kernels.prefill_attention_triton
+    launch(q, kq.to(DEVICE), vq.to(DEVICE), dev, d ** -0.5, (ks.to(DEVICE), vs.to(DEVICE)),
+           out=out)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.cpu().double(), torch.cat(want), rtol=tol, atol=tol)
