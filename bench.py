@@ -9,6 +9,8 @@ configuration with its conditions, and the machine it ran on.
     python bench.py throughput # 64 random requests: continuous batching vs transformers
     python bench.py capacity   # sequences that fit a KV budget, with and without sharing
     python bench.py kernels    # GPU: Triton decode GB/s and prefill TFLOP/s vs torch SDPA
+    python bench.py memory     # KV bytes/token, blocks, sequences that fit: models x kv dtypes
+    python bench.py accuracy   # int8 / fp8 KV cache vs fp32: perplexity, greedy agreement
     python bench.py all        # every section (kernels only where there is a GPU)
 
 What this is not: a test (tests assert, this measures) or a load generator. Timings on a
@@ -348,6 +350,105 @@ def bench_cache(args):
         print(f"\nplot: {args.plot}")
 
 # ------------------------------------------------------------------------------------------
+# memory planning and the accuracy of a quantized cache
+
+# (n_layer, n_head, n_kv_head, head_dim) from each model's config.json
+ARCHITECTURES = {
+    "GPT-2 124M": (12, 12, 12, 64),
+    "GPT-2 1.5B": (48, 25, 25, 64),
+    "Llama-3-8B (GQA)": (32, 32, 8, 128),
+    "Llama-3-8B, as many KV heads as query heads": (32, 32, 32, 128),
+    "Llama-3-70B (GQA)": (80, 64, 8, 128),
+    "Llama-3-70B, as many KV heads as query heads": (80, 64, 64, 128),
+}
+KV_STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8,
+              "fp8": torch.float8_e4m3fn}
+
+
+def bench_memory(args):
+    """The cache-size formula made concrete: 2 * n_layer * n_kv_head * head_dim * bytes per
+    element (+ one fp32 scale per vector when quantized), the blocks a budget holds and how
+    many sequences of a given context fit at once. Arithmetic only: nothing is allocated."""
+    from cache import blocks_for_budget, bytes_per_token, parse_budget
+    from model import load
+    budget = parse_budget(args.memory_budget)
+    cfg = load(args.model or default_model(), torch.float32, "cpu")[0].cfg
+    loaded = os.path.basename((args.model or default_model()).rstrip("/")).removesuffix(".gguf")
+    archs = {f"{loaded} (loaded)": (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim),
+             **ARCHITECTURES}
+    print(f"\nKV cache budget {args.memory_budget} ({budget:,} bytes), blocks of 16 tokens, "
+          f"sequences of {args.context} tokens\n")
+    row("model", "L x K x D", "kv dtype", "bytes/token", "blocks", "sequences that fit")
+    row(*["---"] * 6)
+    blocks_per_seq = -(-args.context // 16)
+    for name, (n_layer, _, n_kv, d) in archs.items():
+        for dname, dtype in KV_STORAGE.items():
+            n_blocks = blocks_for_budget(budget, 16, n_layer, n_kv, d, dtype)
+            row(name, f"{n_layer} x {n_kv} x {d}", dname,
+                f"{bytes_per_token(n_layer, n_kv, d, dtype):,}", f"{n_blocks:,}",
+                f"{n_blocks // blocks_per_seq:,}")
+
+
+def default_model():
+    from model import default_model_path
+    return str(default_model_path())
+
+
+def teacher_forced_logits(llm, ids, chunk=256):
+    """(len(ids), V) logits of every position of ids through llm's paged cache, prefilled
+    chunk by chunk: every position attends over K/V read back from the (maybe quantized)
+    pool, as in generation."""
+    [seq] = llm.make_sequences([ids[:-1]], SamplingParams(max_new_tokens=1))
+    seq.tokens = list(ids)
+    out = []
+    try:
+        while seq.n_computed < len(ids):
+            n = min(chunk, len(ids) - seq.n_computed)
+            out.append(llm.run_batch([(seq, n, llm.reserve(seq, n))], all_logits=True))
+    finally:
+        llm.cache.free(seq.id)
+        llm.cache.forget_cached()
+    return torch.cat(out)
+
+
+def bench_accuracy(args):
+    """An fp32 model with an fp32 cache against the same model with an int8 and an fp8
+    cache: perplexity of a fixed public-domain text (declaration.txt, the Declaration of
+    Independence of 1776), the largest logit difference over it, and greedy agreement over
+    --agree-new tokens on a few prompts."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "declaration.txt")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    prompts = ["Once upon a time, there was a little", "The three most important things "
+               "about a KV cache are", "def fibonacci(n):", "The capital of France is"]
+    p = SamplingParams(max_new_tokens=args.agree_new, ignore_eos=True)
+    results = {}
+    for kv in ("auto", "int8", "fp8"):
+        llm = LLM(args.model, dtype="float32", kv_dtype=kv)
+        ids = llm.tokenizer.encode(text)[:args.ppl_tokens or None]
+        logits = teacher_forced_logits(llm, ids)
+        nll = F.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
+        greedy = [o.token_ids for o in llm.generate(prompts, p)]
+        results[kv] = logits, float(torch.exp(nll)), greedy, llm.cache.bytes_per_token
+    exact_logits, exact_ppl, exact_greedy, exact_bytes = results["auto"]
+    name = os.path.basename((args.model or default_model()).rstrip("/")).removesuffix(".gguf")
+    print(f"\nQuantized KV cache, {name}, fp32 weights and activations: perplexity over "
+          f"{len(exact_logits)} tokens of declaration.txt, greedy agreement over "
+          f"{args.agree_new} new tokens x {len(prompts)} prompts. Machine: {machine()}\n")
+    row("kv cache", "bytes/token", "perplexity", "vs fp32", "max logit error",
+        "mean logit error", "greedy tokens before the first difference", "prompts identical")
+    row(*["---"] * 8)
+    for kv, (logits, ppl, greedy, n_bytes) in results.items():
+        err = (logits - exact_logits).abs()
+        agree = sum(next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), len(e))
+                    for g, e in zip(greedy, exact_greedy))
+        row("fp32" if kv == "auto" else kv, f"{n_bytes:,}", f"{ppl:.3f}",
+            f"{100 * (ppl / exact_ppl - 1):+.2f}%", f"{err.max():.3f}", f"{err.mean():.4f}",
+            f"{agree}/{sum(map(len, exact_greedy))}",
+            f"{sum(g == e for g, e in zip(greedy, exact_greedy))}/{len(prompts)}")
+
+
+# ------------------------------------------------------------------------------------------
 # Triton kernels on a GPU: decode GB/s against the copy bandwidth, prefill TFLOP/s against SDPA
 
 KERNEL_SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # (H, K, D)
@@ -469,7 +570,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("what", choices=["engine", "cache", "overhead", "prefix", "throughput",
-                                     "capacity", "kernels", "all"])
+                                     "capacity", "kernels", "memory", "accuracy", "all"])
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded)")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--new", type=int, default=64, help="generated tokens for decode rates")
@@ -491,10 +592,16 @@ def main(argv=None):
     ap.add_argument("--kernel-prefill", type=int, nargs="+", default=[1024, 4096, 16384],
                     help="prefill tokens (kernels)")
     ap.add_argument("--copy-mib", type=int, default=1024, help="copy-bandwidth buffer (kernels)")
+    ap.add_argument("--memory-budget", default="16GiB", help="KV budget (memory)")
+    ap.add_argument("--context", type=int, default=4096, help="tokens per sequence (memory)")
+    ap.add_argument("--agree-new", type=int, default=128,
+                    help="greedy tokens compared per prompt (accuracy)")
+    ap.add_argument("--ppl-tokens", type=int, default=0,
+                    help="score only the first N tokens of the text, 0 for all (accuracy)")
     args = ap.parse_args(argv)
     sections = {"engine": bench_engine, "overhead": bench_overhead, "prefix": bench_prefix,
                 "capacity": bench_capacity, "throughput": bench_throughput, "cache": bench_cache,
-                "kernels": bench_kernels}
+                "kernels": bench_kernels, "memory": bench_memory, "accuracy": bench_accuracy}
     try:
         for name, run in sections.items():  # `all` runs them in this order
             if name == "kernels" and args.what == "all" and not torch.cuda.is_available():

@@ -299,9 +299,10 @@ class LLM:
         running.remove(seq)
         waiting.appendleft(seq)
 
-    def run_batch(self, batch):
+    def run_batch(self, batch, all_logits=False):
         """Pack the scheduled (sequence, n_tokens, slots) into one ragged batch and run the
-        model: (B, V) logits of each sequence's last computed token."""
+        model: (B, V) logits of each sequence's last computed token, or (T, V) logits of every
+        computed token if all_logits (speculative verification)."""
         tokens, positions, slots, ctx, starts = [], [], [], [], [0]
         for seq, n, seq_slots in batch:
             lo = seq.n_computed
@@ -320,7 +321,7 @@ class LLM:
             block_size=self.cache.block_size)
         self.peak_blocks = max(self.peak_blocks, self.cache.n_used_blocks)
         logits = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
-                            meta, self.cache.layers)
+                            meta, self.cache.layers, all_logits)
         for seq, n, _ in batch:
             seq.n_computed += n
         return logits

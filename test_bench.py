@@ -15,7 +15,7 @@ def test_bench_all_runs_on_a_tiny_model(tmp_path, capsys):
                        "--prefill", "8", "--lengths", "8", "16", "--plot", str(png),
                        "--prefix", "40", "--requests", "6", "--in-min", "2", "--in-max", "20", "--out-min", "2",
                        "--out-max", "8",
-                       "--budget-mib", "16"]) == 0
+                       "--budget-mib", "16", "--agree-new", "4", "--ppl-tokens", "60"]) == 0
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if ln.startswith("| ")]
     for dtype in ("bf16", "fp32"):
@@ -30,6 +30,15 @@ def test_bench_all_runs_on_a_tiny_model(tmp_path, capsys):
     off = next(r for r in rows if r.startswith("| off (every prompt unique) | "))
     assert int(on.split("|")[2]) > int(off.split("|")[2])  # sharing fits more sequences
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # memory: every architecture x every kv dtype; int8 halves fp16 but for the scales
+    mem = {(r.split(" | ")[0][2:], r.split(" | ")[2]): int(r.split(" | ")[3].replace(",", ""))
+           for r in rows if r.split(" | ")[2:3] and r.split(" | ")[2] in bench.KV_STORAGE}
+    assert mem["Llama-3-8B (GQA)", "int8"] == 2 * 32 * 8 * (128 + 4)
+    assert mem["Llama-3-8B, as many KV heads as query heads", "fp16"] == \
+        4 * mem["Llama-3-8B (GQA)", "fp16"]
+    # accuracy: the fp32 row is the baseline, the quantized rows report their difference
+    acc = {r.split(" | ")[0][2:]: r for r in rows if r.split(" | ")[0][2:] in ("fp32", "int8", "fp8")}
+    assert "+0.00%" in acc["fp32"] and " | 0.000 | 0.0000 | " in acc["fp32"] and len(acc) == 3
 
 
 def test_bench_kernels_runs(capsys):
