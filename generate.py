@@ -106,21 +106,28 @@ class Sequence:
 # ------------------------------------------------------------------------------------------
 # sampling
 
-def sample(logits, p: SamplingParams, rng) -> int:
-    """One token from fp32 logits (V,). Filters, then draws with the request's own RNG."""
-    if p.temperature == 0:
-        return int(logits.argmax())
+def sampling_probs(logits, p: SamplingParams) -> torch.Tensor:
+    """The distribution `sample` draws from (temperature > 0): softmax(logits / temperature)
+    over the tokens that top-k and top-p keep. fp32 logits (..., V) -> probabilities (..., V),
+    row by row (speculative decoding needs the whole distribution: its p and q)."""
     logits = logits / p.temperature
     if p.top_k:
-        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, -1).cumsum(-1)
         # drop a token if the tokens before it already reach top_p (the top one always stays)
         drop = (cum - torch.softmax(sorted_logits, -1)) >= p.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=rng))
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.softmax(logits, -1)
+
+
+def sample(logits, p: SamplingParams, rng) -> int:
+    """One token from fp32 logits (V,). Filters, then draws with the request's own RNG."""
+    if p.temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(sampling_probs(logits, p), 1, generator=rng))
 
 
 def stop_holdback(text, stops) -> int:
@@ -177,6 +184,8 @@ class LLM:
         self.max_batch_tokens = max_batch_tokens
         self.peak_blocks = 0  # most blocks in use during the last generate() call
         self.n_preemptions = 0  # sequences preempted (and later recomputed), ever
+        self.drafts = {}  # speculative proposers by name ("draft:PATH" loads a model once)
+        self.spec_stats = None  # speculative.SpecStats of the last generate(), if it speculated
         self._next_id = 0
 
     # -- requests -----------------------------------------------------------------------------
@@ -281,9 +290,10 @@ class LLM:
         running.remove(seq)
         waiting.appendleft(seq)
 
-    def run_batch(self, batch):
+    def run_batch(self, batch, all_logits=False):
         """Pack the scheduled (sequence, n_tokens, slots) into one ragged batch and run the
-        model: (B, V) logits of each sequence's last computed token."""
+        model: (B, V) logits of each sequence's last computed token, or (T, V) logits of every
+        computed token if all_logits (speculative verification)."""
         tokens, positions, slots, ctx, starts = [], [], [], [], [0]
         for seq, n, seq_slots in batch:
             lo = seq.n_computed
@@ -302,16 +312,22 @@ class LLM:
             block_size=self.cache.block_size)
         self.peak_blocks = max(self.peak_blocks, self.cache.n_used_blocks)
         logits = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
-                            meta, self.cache.layers)
+                            meta, self.cache.layers, all_logits)
         for seq, n, _ in batch:
             seq.n_computed += n
         return logits
 
     def accept(self, seq, logits_row, greedy_token, now, on_text):
-        """Sample seq's next token (greedy ones come precomputed for the whole batch), update
-        its text, stream what is safe to show, and decide whether it is finished."""
+        """Sample seq's next token (greedy ones come precomputed for the whole batch) and
+        take it."""
         p = seq.params
-        tok = greedy_token if p.temperature == 0 else sample(logits_row, p, seq.rng)
+        self.take(seq, greedy_token if p.temperature == 0 else sample(logits_row, p, seq.rng),
+                  now, on_text)
+
+    def take(self, seq, tok, now, on_text):
+        """Append the chosen token to seq, update its text, stream what is safe to show, and
+        decide whether it is finished (speculative decoding takes several tokens a step)."""
+        p = seq.params
         if seq.t_first is None:
             seq.t_first = now
         if tok in self.tokenizer.eos_ids and not p.ignore_eos:
@@ -337,12 +353,22 @@ class LLM:
 
     # -- generate -----------------------------------------------------------------------------
 
-    def generate(self, prompts, params=None, use_cache=True, on_text=None, on_finish=None):
+    def generate(self, prompts, params=None, use_cache=True, on_text=None, on_finish=None,
+                 speculative=None, spec_k=4):
         """Complete every prompt; returns one Completion per prompt, in order.
         params: one SamplingParams for all, or a list with one per prompt.
         use_cache=False recomputes every sequence in full at every step (the uncached
         baseline: same output, slower). on_text(index, piece) streams text as it is final;
-        on_finish(index, completion) fires as each request completes."""
+        on_finish(index, completion) fires as each request completes.
+        speculative="ngram" or "draft:PATH" decodes speculatively (speculative.py): a proposer
+        drafts up to spec_k tokens per sequence and one forward pass verifies them; the output
+        distribution is unchanged. Its counters are left in self.spec_stats."""
+        proposer = stats = None
+        if speculative is not None:
+            import speculative as spec_mod  # not at the top: speculative.py imports this file
+            proposer = spec_mod.get_proposer(self, speculative, spec_k, use_cache)
+            stats = spec_mod.SpecStats(speculative, spec_k)
+        self.spec_stats = stats
         seqs = self.make_sequences(prompts, params)
         index = {s.id: i for i, s in enumerate(seqs)}
         emit = (lambda s, piece: on_text(index[s.id], piece)) if on_text else None
@@ -350,8 +376,20 @@ class LLM:
         self.peak_blocks = 0
         forked = {c.id for s in seqs for c in s.forks}  # they start when their prompt is done
         waiting, running = deque(s for s in seqs if s.id not in forked), []
+
+        def finish(s):
+            running.remove(s)
+            self.cache.free(s.id)
+            if proposer is not None:
+                proposer.forget(s.id)
+            if on_finish:
+                on_finish(index[s.id], self.completion(s, t0))
         try:
             while waiting or running:
+                # once every prompt is in and prefilled, steps verify drafts instead
+                if (proposer is not None and not waiting
+                        and spec_mod.step(self, proposer, spec_k, running, stats, emit, finish)):
+                    continue
                 if use_cache:
                     batch = self.schedule(running, waiting)
                     logits = self.run_batch(batch)
@@ -370,11 +408,10 @@ class LLM:
                         self.fork(seq, child, running, use_cache)
                     for s in [seq] + seq.forks:
                         self.accept(s, logits[i], g, now, emit)
+                        if stats:
+                            stats.count_plain(1)
                         if s.finish_reason:
-                            running.remove(s)
-                            self.cache.free(s.id)
-                            if on_finish:
-                                on_finish(index[s.id], self.completion(s, t0))
+                            finish(s)
                     seq.forks = []
         except BaseException:
             # on any failure give every block back, so the pool stays consistent (on success
@@ -383,7 +420,11 @@ class LLM:
             for s in seqs:
                 self.cache.free(s.id)
             self.cache.forget_cached()
+            if proposer is not None:
+                proposer.close(failed=True)
             raise
+        if proposer is not None:
+            proposer.close()
         return [self.completion(s, t0) for s in seqs]
 
     def fork(self, parent, child, running, use_cache):
@@ -429,7 +470,8 @@ def summary_line(llm, outs, wall_s) -> str:
     return (f"[{len(outs)} request{'s' * (len(outs) > 1)} | prompt {n_prompt} tokens | "
             f"cached {sum(o.n_cached_tokens for o in outs)} | TTFT {ttft * 1e3:.0f} ms | "
             f"decode {rate:.1f} tokens/s ({n_gen} generated) | KV cache {kv / 2**20:.2f} MiB in "
-            f"use ({llm.peak_blocks}/{llm.cache.n_blocks} blocks) | {wall_s:.2f} s]")
+            f"use ({llm.peak_blocks}/{llm.cache.n_blocks} blocks) | "
+            + (f"{llm.spec_stats.summary()} | " if llm.spec_stats else "") + f"{wall_s:.2f} s]")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -463,6 +505,10 @@ def parse_args(argv):
                     help="recompute the whole sequence at every step (the uncached baseline)")
     ap.add_argument("--chat", action="store_true", help="interactive chat session")
     ap.add_argument("--prompt-file", help="file with one prompt per line, generated as a batch")
+    ap.add_argument("--speculative", default=None, metavar="ngram|draft:PATH",
+                    help="speculative decoding: drafts from prompt lookup (ngram) or a smaller "
+                         "model with the same tokenizer (draft:PATH); off by default")
+    ap.add_argument("--spec-k", type=int, default=4, help="draft tokens verified per step")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     ap.add_argument("--n-blocks", type=int, default=None,
                     help="KV cache blocks (default: as many as 256 MiB hold)")
@@ -480,7 +526,7 @@ def read_prompts(path) -> list:
     return prompts
 
 
-def run_chat(llm, params):
+def run_chat(llm, params, spec):
     """An interactive conversation. Each turn's prompt is the previous prompt's token ids, the
     reply's ids and the new message: an exact extension, so the pool (which keeps freed
     blocks) serves everything but the new tail, and the summary line shows it as cached."""
@@ -500,7 +546,8 @@ def run_chat(llm, params):
         else:
             prompt = llm.tokenizer.encode(text)
         t0 = time.perf_counter()
-        [out] = llm.generate([prompt], params, on_text=lambda i, s: print(s, end="", flush=True))
+        [out] = llm.generate([prompt], params, on_text=lambda i, s: print(s, end="", flush=True),
+                             **spec)
         print()
         print(summary_line(llm, [out], time.perf_counter() - t0), file=sys.stderr)
         messages.append({"role": "assistant", "content": out.text})
@@ -523,15 +570,18 @@ def main(argv=None):
         if args.prompt is not None and not args.prompt.strip():
             raise ValueError("empty prompt")
         prompts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt]
+        if args.speculative is not None and (args.spec_k < 1 or args.no_cache):
+            raise ValueError("--speculative needs --spec-k >= 1 and the cache (no --no-cache)")
         llm = LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                   n_blocks=args.n_blocks)
+        spec = dict(speculative=args.speculative, spec_k=args.spec_k)
         if args.chat:
-            return run_chat(llm, params)
+            return run_chat(llm, params, spec)
         use_cache = not args.no_cache
         t0 = time.perf_counter()
         if len(prompts) == 1:
             outs = llm.generate(prompts, params, use_cache,
-                                on_text=lambda i, s: print(s, end="", flush=True))
+                                on_text=lambda i, s: print(s, end="", flush=True), **spec)
             print()
         else:
             done = []
@@ -540,7 +590,7 @@ def main(argv=None):
                 done.append(i)
                 print("\r" + progress_bar(len(done), len(prompts)), end="", file=sys.stderr,
                       flush=True)
-            outs = llm.generate(prompts, params, use_cache, on_finish=progress)
+            outs = llm.generate(prompts, params, use_cache, on_finish=progress, **spec)
             print(file=sys.stderr)
             for i, o in enumerate(outs):
                 print(f"### {i}: {prompts[i]}\n{o.text}\n")
