@@ -268,7 +268,7 @@ class LLM:
             # map the prompt's leading blocks already in the pool: only the rest is prefilled
             seq.n_computed = self.cache.share_prefix(seq.id, seq.tokens)
             n = min(len(seq.tokens) - seq.n_computed, budget)
-            if not self.cache.can_append(seq.id, n):
+            if not self.cache.can_append(seq.id, n) or self.copies_unwritten(seq, batch):
                 self.cache.free(seq.id)  # give the mapped blocks back; try again next step
                 seq.n_computed = 0
                 break
@@ -278,6 +278,16 @@ class LLM:
             batch.append((seq, n, self.reserve(seq, n)))
             budget -= n
         return batch
+
+    def copies_unwritten(self, seq, batch) -> bool:
+        """Whether seq's first write would copy (copy-on-write) a shared block that this step's
+        batch writes into: a block is hashed when its slots are reserved, but its contents
+        exist only after the forward pass, so a copy taken now would copy nothing."""
+        table, p = self.cache.block_table(seq.id), self.cache.block_size
+        i = seq.n_computed // p
+        if i >= len(table) or self.cache.ref_counts[table[i]] < 2:
+            return False
+        return any(slot // p == table[i] for _, _, slots in batch for slot in slots)
 
     def reserve(self, seq, n):
         """Slots for seq's next n tokens (which the coming forward pass computes)."""
