@@ -21,6 +21,11 @@ run the target once with logits at every position (the prefill-with-prefix path)
 sequence, and truncate the cache back over the rejected drafts (their blocks go back to the
 pool).
 
+Sampled runs draw from the target's distribution but consume each request's random stream
+differently: a seed reproduces a speculative run, not the plain run's sample. Greedy runs give
+the plain run's tokens where the (k+1)-token pass rounds like the 1-token pass: exactly in fp32
+(the tests); in bf16 a near tie may flip (bench.py reports it).
+
 What this is not: tree or multi-draft speculation, self-speculation from the target's first
 layers (not built), adaptive k, or a GPU-tuned loop (the draft's k steps run one after another).
 Test: `pytest test_speculative.py`.
@@ -125,7 +130,9 @@ class DraftModel:
 
     def propose(self, seqs, ks):
         cache = self.llm.cache
-        twins = {i: self.sync(s) for i, (s, k) in enumerate(zip(seqs, ks)) if k}
+        # a draft with a shorter context than the target's drafts nothing past its own end
+        ks = [min(k, self.llm.cfg.max_seq_len - len(s.tokens)) for s, k in zip(seqs, ks)]
+        twins = {i: self.sync(s) for i, (s, k) in enumerate(zip(seqs, ks)) if k > 0}
         drafts, qs = [[] for _ in seqs], [[] for _ in seqs]
         live = [i for i in twins]
         while live:  # round j drafts token j of every sequence that wants more than j
@@ -263,9 +270,10 @@ class SpecStats:
         return self.n_tokens / self.n_seq_forwards if self.n_seq_forwards else math.nan
 
     def summary(self) -> str:
-        return (f"speculative {self.method} k={self.k}: {self.acceptance_rate:.0%} of "
-                f"{self.n_proposed} drafted tokens accepted, {self.tokens_per_forward:.2f} "
-                f"tokens per target forward")
+        accepted = f"{self.acceptance_rate:.0%} of {self.n_proposed} drafted tokens accepted" \
+            if self.n_proposed else "no drafted tokens"
+        return (f"speculative {self.method} k={self.k}: {accepted}, "
+                f"{self.tokens_per_forward:.2f} tokens per target forward")
 
 
 def draft_budget(llm, seqs, k):
