@@ -11,6 +11,7 @@ configuration with its conditions, and the machine it ran on.
     python bench.py kernels    # GPU: Triton decode GB/s and prefill TFLOP/s vs torch SDPA
     python bench.py memory     # KV bytes/token, blocks, sequences that fit: models x kv dtypes
     python bench.py accuracy   # int8 / fp8 KV cache vs fp32: perplexity, greedy agreement
+    python bench.py speculative  # prompt-lookup speculation vs plain decoding; verify cost
     python bench.py all        # every section (kernels only where there is a GPU)
 
 What this is not: a test (tests assert, this measures) or a load generator. Timings on a
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from generate import LLM, SamplingParams
+from speculative import DraftSeq
 
 # ------------------------------------------------------------------------------------------
 # conditions
@@ -566,11 +568,95 @@ def flash_sdpa(q, k, v, scale):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
+# ------------------------------------------------------------------------------------------
+# speculative decoding: speedup and acceptance, and the cost of verification
+
+SPEC_PROMPTS = {  # what prompt lookup can copy from: everything, some names, nothing much
+    "repetitive": "Repeat the list five times.\napple, banana, cherry, date, elderberry, fig, "
+                  "grape\napple, banana, cherry, date, elderberry, fig, grape\n",
+    "code-like": "```python\ndef add(a, b):\n    \"\"\"Return a + b.\"\"\"\n    return a + b\n\n\n"
+                 "def sub(a, b):\n    \"\"\"Return a - b.\"\"\"\n    return a - b\n\n\ndef mul(a, b):\n",
+    "free text": "Once upon a time, there was a little",
+}
+
+
+def bench_speculative(args):
+    """Prompt lookup (n-gram) speculation against plain decoding, greedy, ignore_eos, one
+    sequence: decode tokens/s = (N - 1) / decode time (prefill excluded), medians over
+    interleaved rounds (plain, then each k, per prompt, per round). 'same tokens' says whether
+    every speculative run gave plain decoding's tokens (in bf16, the (k+1)-token pass can round
+    differently from the 1-token pass and flip a near tie). Then the reason it can pay: the
+    time of one forward pass of k+1 new tokens over a cached context, against 1 token."""
+    llm = LLM(args.model, dtype=args.cache_dtype)
+    p = SamplingParams(max_new_tokens=args.new, ignore_eos=True)
+    ids = {name: llm.tokenizer.encode(text) for name, text in SPEC_PROMPTS.items()}
+    configs = [(name, k) for name in ids for k in [None] + args.spec_k]
+    rates = {c: [] for c in configs}
+    accept, per_fwd, tokens, same = {}, {}, {}, {}
+    for r in range(args.repeat + 1):  # round 0 is a warm-up
+        for name, k in configs:
+            llm.cache.forget_cached()
+            spec = dict(speculative="ngram", spec_k=k) if k else {}
+            [out] = llm.generate([ids[name]], p, **spec)
+            if k is None:
+                tokens[name] = out.token_ids
+            else:
+                accept[name, k] = llm.spec_stats.acceptance_rate
+                per_fwd[name, k] = llm.spec_stats.tokens_per_forward
+                same[name, k] = same.get((name, k), True) and out.token_ids == tokens[name]
+            if r:
+                rates[name, k].append((len(out.token_ids) - 1) / out.decode_s)
+    med = {c: statistics.median(v) for c, v in rates.items()}
+    print(f"\nSpeculative decoding (prompt lookup, n <= 3) vs plain, batch 1, greedy, "
+          f"{args.new} new tokens, {args.cache_dtype}, {args.repeat} interleaved rounds. "
+          f"Machine: {machine()}\n")
+    row("prompt", "k", "plain tok/s", "speculative tok/s", "speedup", "acceptance",
+        "tokens / target forward", "same tokens")
+    row(*["---"] * 8)
+    for name, k in configs:
+        if k is not None:
+            row(name, k, f"{med[name, None]:.1f}", f"{med[name, k]:.1f}",
+                f"{med[name, k] / med[name, None]:.2f}x", f"{accept[name, k]:.0%}",
+                f"{per_fwd[name, k]:.2f}", "yes" if same[name, k] else "no")
+    bench_verify_cost(args, llm)
+
+
+def bench_verify_cost(args, llm):
+    """Median time of one forward pass computing n new tokens after a cached context (all
+    logits, as verification needs), n = 1 and k + 1: interleaved, the context truncated back
+    after each pass."""
+    g = torch.Generator().manual_seed(5)
+    n_ctx, ks = args.spec_context, args.spec_k
+    seq = DraftSeq(-1, torch.randint(0, llm.cfg.vocab_size, (n_ctx + max(ks) + 1,),
+                                     generator=g).tolist())
+    llm.cache.forget_cached()
+    llm.run_batch([(seq, n_ctx, llm.reserve(seq, n_ctx))])  # the cached context
+    times = {n: [] for n in [1] + [k + 1 for k in ks]}
+    for _ in range(args.repeat * 4):
+        for n in times:
+            batch = [(seq, n, llm.reserve(seq, n))]
+            t = time.perf_counter()
+            llm.run_batch(batch, all_logits=True)
+            times[n].append(time.perf_counter() - t)
+            llm.cache.truncate(seq.id, n)
+            seq.n_computed -= n
+    llm.cache.free(seq.id)
+    med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    print(f"\nCost of verification: one forward pass of n new tokens after {n_ctx} cached, "
+          f"{args.cache_dtype}, medians of {args.repeat * 4} interleaved passes. "
+          f"Machine: {machine()}\n")
+    row("k", "1-token pass ms", "(k+1)-token pass ms", "ratio")
+    row(*["---"] * 4)
+    for k in ks:
+        row(k, f"{med[1]:.1f}", f"{med[k + 1]:.1f}", f"{med[k + 1] / med[1]:.2f}x")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("what", choices=["engine", "cache", "overhead", "prefix", "throughput",
-                                     "capacity", "kernels", "memory", "accuracy", "all"])
+                                     "capacity", "speculative", "kernels", "memory",
+                                     "accuracy", "all"])
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded)")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--new", type=int, default=64, help="generated tokens for decode rates")
@@ -587,6 +673,10 @@ def main(argv=None):
     ap.add_argument("--out-min", type=int, default=16)
     ap.add_argument("--out-max", type=int, default=128)
     ap.add_argument("--budget-mib", type=int, default=64, help="KV budget (capacity)")
+    ap.add_argument("--spec-k", type=int, nargs="+", default=[2, 4, 8],
+                    help="draft lengths (speculative)")
+    ap.add_argument("--spec-context", type=int, default=256,
+                    help="cached tokens before a verification pass (speculative)")
     ap.add_argument("--kernel-batches", nargs="+", default=["1x16384", "16x4096", "64x4096"],
                     help="decode batch x context (kernels)")
     ap.add_argument("--kernel-prefill", type=int, nargs="+", default=[1024, 4096, 16384],
@@ -601,7 +691,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sections = {"engine": bench_engine, "overhead": bench_overhead, "prefix": bench_prefix,
                 "capacity": bench_capacity, "throughput": bench_throughput, "cache": bench_cache,
-                "kernels": bench_kernels, "memory": bench_memory, "accuracy": bench_accuracy}
+                "speculative": bench_speculative, "kernels": bench_kernels,
+                "memory": bench_memory, "accuracy": bench_accuracy}
     try:
         for name, run in sections.items():  # `all` runs them in this order
             if name == "kernels" and args.what == "all" and not torch.cuda.is_available():

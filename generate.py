@@ -106,21 +106,28 @@ class Sequence:
 # ------------------------------------------------------------------------------------------
 # sampling
 
-def sample(logits, p: SamplingParams, rng) -> int:
-    """One token from fp32 logits (V,). Filters, then draws with the request's own RNG."""
-    if p.temperature == 0:
-        return int(logits.argmax())
+def sampling_probs(logits, p: SamplingParams) -> torch.Tensor:
+    """The distribution `sample` draws from (temperature > 0): softmax(logits / temperature)
+    over the tokens that top-k and top-p keep. fp32 logits (..., V) -> probabilities (..., V),
+    row by row (speculative decoding needs the whole distribution: its p and q)."""
     logits = logits / p.temperature
     if p.top_k:
-        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, -1).cumsum(-1)
         # drop a token if the tokens before it already reach top_p (the top one always stays)
         drop = (cum - torch.softmax(sorted_logits, -1)) >= p.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=rng))
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.softmax(logits, -1)
+
+
+def sample(logits, p: SamplingParams, rng) -> int:
+    """One token from fp32 logits (V,). Filters, then draws with the request's own RNG."""
+    if p.temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(sampling_probs(logits, p), 1, generator=rng))
 
 
 def stop_holdback(text, stops) -> int:
@@ -195,6 +202,8 @@ class LLM:
         self.max_batch_tokens = max_batch_tokens
         self.peak_blocks = 0  # most blocks in use during the last generate() call
         self.n_preemptions = 0  # sequences preempted (and later recomputed), ever
+        self.drafts = {}  # speculative proposers by name ("draft:PATH" loads a model once)
+        self.spec_stats = None  # speculative.SpecStats of the last generate(), if it speculated
         self._next_id = 0
 
     # -- requests -----------------------------------------------------------------------------
@@ -277,7 +286,7 @@ class LLM:
             # map the prompt's leading blocks already in the pool: only the rest is prefilled
             seq.n_computed = self.cache.share_prefix(seq.id, seq.tokens)
             n = min(len(seq.tokens) - seq.n_computed, budget)
-            if not self.cache.can_append(seq.id, n):
+            if not self.cache.can_append(seq.id, n) or self.copies_unwritten(seq, batch):
                 self.cache.free(seq.id)  # give the mapped blocks back; try again next step
                 seq.n_computed = 0
                 break
@@ -287,6 +296,16 @@ class LLM:
             batch.append((seq, n, self.reserve(seq, n)))
             budget -= n
         return batch
+
+    def copies_unwritten(self, seq, batch) -> bool:
+        """Whether seq's first write would copy (copy-on-write) a shared block that this step's
+        batch writes into: a block is hashed when its slots are reserved, but its contents
+        exist only after the forward pass, so a copy taken now would copy nothing."""
+        table, p = self.cache.block_table(seq.id), self.cache.block_size
+        i = seq.n_computed // p
+        if i >= len(table) or self.cache.ref_counts[table[i]] < 2:
+            return False
+        return any(slot // p == table[i] for _, _, slots in batch for slot in slots)
 
     def reserve(self, seq, n):
         """Slots for seq's next n tokens (which the coming forward pass computes)."""
@@ -327,10 +346,16 @@ class LLM:
         return logits
 
     def accept(self, seq, logits_row, greedy_token, now, on_text):
-        """Sample seq's next token (greedy ones come precomputed for the whole batch), update
-        its text, stream what is safe to show, and decide whether it is finished."""
+        """Sample seq's next token (greedy ones come precomputed for the whole batch) and
+        take it."""
         p = seq.params
-        tok = greedy_token if p.temperature == 0 else sample(logits_row, p, seq.rng)
+        self.take(seq, greedy_token if p.temperature == 0 else sample(logits_row, p, seq.rng),
+                  now, on_text)
+
+    def take(self, seq, tok, now, on_text):
+        """Append the chosen token to seq, update its text, stream what is safe to show, and
+        decide whether it is finished (speculative decoding takes several tokens a step)."""
+        p = seq.params
         if seq.t_first is None:
             seq.t_first = now
         if tok in self.tokenizer.eos_ids and not p.ignore_eos:
@@ -356,12 +381,22 @@ class LLM:
 
     # -- generate -----------------------------------------------------------------------------
 
-    def generate(self, prompts, params=None, use_cache=True, on_text=None, on_finish=None):
+    def generate(self, prompts, params=None, use_cache=True, on_text=None, on_finish=None,
+                 speculative=None, spec_k=4):
         """Complete every prompt; returns one Completion per prompt, in order.
         params: one SamplingParams for all, or a list with one per prompt.
         use_cache=False recomputes every sequence in full at every step (the uncached
         baseline: same output, slower). on_text(index, piece) streams text as it is final;
-        on_finish(index, completion) fires as each request completes."""
+        on_finish(index, completion) fires as each request completes.
+        speculative="ngram" or "draft:PATH" decodes speculatively (speculative.py): a proposer
+        drafts up to spec_k tokens per sequence and one forward pass verifies them; the output
+        distribution is unchanged. Its counters are left in self.spec_stats."""
+        proposer = stats = None
+        if speculative is not None:
+            import speculative as spec_mod  # not at the top: speculative.py imports this file
+            proposer = spec_mod.get_proposer(self, speculative, spec_k, use_cache)
+            stats = spec_mod.SpecStats(speculative, spec_k)
+        self.spec_stats = stats
         seqs = self.make_sequences(prompts, params)
         index = {s.id: i for i, s in enumerate(seqs)}
         emit = (lambda s, piece: on_text(index[s.id], piece)) if on_text else None
@@ -369,8 +404,20 @@ class LLM:
         self.peak_blocks = 0
         forked = {c.id for s in seqs for c in s.forks}  # they start when their prompt is done
         waiting, running = deque(s for s in seqs if s.id not in forked), []
+
+        def finish(s):
+            running.remove(s)
+            self.cache.free(s.id)
+            if proposer is not None:
+                proposer.forget(s.id)
+            if on_finish:
+                on_finish(index[s.id], self.completion(s, t0))
         try:
             while waiting or running:
+                # once every prompt is in and prefilled, steps verify drafts instead
+                if (proposer is not None and not waiting
+                        and spec_mod.step(self, proposer, spec_k, running, stats, emit, finish)):
+                    continue
                 if use_cache:
                     batch = self.schedule(running, waiting)
                     logits = self.run_batch(batch)
@@ -389,11 +436,10 @@ class LLM:
                         self.fork(seq, child, running, use_cache)
                     for s in [seq] + seq.forks:
                         self.accept(s, logits[i], g, now, emit)
+                        if stats:
+                            stats.count_plain(1)
                         if s.finish_reason:
-                            running.remove(s)
-                            self.cache.free(s.id)
-                            if on_finish:
-                                on_finish(index[s.id], self.completion(s, t0))
+                            finish(s)
                     seq.forks = []
         except BaseException:
             # on any failure give every block back, so the pool stays consistent (on success
@@ -402,7 +448,11 @@ class LLM:
             for s in seqs:
                 self.cache.free(s.id)
             self.cache.forget_cached()
+            if proposer is not None:
+                proposer.close(failed=True)
             raise
+        if proposer is not None:
+            proposer.close()
         return [self.completion(s, t0) for s in seqs]
 
     def fork(self, parent, child, running, use_cache):
@@ -448,7 +498,8 @@ def summary_line(llm, outs, wall_s) -> str:
     return (f"[{len(outs)} request{'s' * (len(outs) > 1)} | prompt {n_prompt} tokens | "
             f"cached {sum(o.n_cached_tokens for o in outs)} | TTFT {ttft * 1e3:.0f} ms | "
             f"decode {rate:.1f} tokens/s ({n_gen} generated) | KV cache {kv / 2**20:.2f} MiB in "
-            f"use ({llm.peak_blocks}/{llm.cache.n_blocks} blocks) | {wall_s:.2f} s]")
+            f"use ({llm.peak_blocks}/{llm.cache.n_blocks} blocks) | "
+            + (f"{llm.spec_stats.summary()} | " if llm.spec_stats else "") + f"{wall_s:.2f} s]")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -482,6 +533,10 @@ def parse_args(argv):
                     help="recompute the whole sequence at every step (the uncached baseline)")
     ap.add_argument("--chat", action="store_true", help="interactive chat session")
     ap.add_argument("--prompt-file", help="file with one prompt per line, generated as a batch")
+    ap.add_argument("--speculative", default=None, metavar="ngram|draft:PATH",
+                    help="speculative decoding: drafts from prompt lookup (ngram) or a smaller "
+                         "model with the same tokenizer (draft:PATH); off by default")
+    ap.add_argument("--spec-k", type=int, default=4, help="draft tokens verified per step")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     ap.add_argument("--n-blocks", type=int, default=None,
                     help="KV cache blocks (default: as many as --kv-budget holds)")
@@ -504,7 +559,7 @@ def read_prompts(path) -> list:
     return prompts
 
 
-def run_chat(llm, params):
+def run_chat(llm, params, spec):
     """An interactive conversation. Each turn's prompt is the previous prompt's token ids, the
     reply's ids and the new message: an exact extension, so the pool (which keeps freed
     blocks) serves everything but the new tail, and the summary line shows it as cached."""
@@ -524,7 +579,8 @@ def run_chat(llm, params):
         else:
             prompt = llm.tokenizer.encode(text)
         t0 = time.perf_counter()
-        [out] = llm.generate([prompt], params, on_text=lambda i, s: print(s, end="", flush=True))
+        [out] = llm.generate([prompt], params, on_text=lambda i, s: print(s, end="", flush=True),
+                             **spec)
         print()
         print(summary_line(llm, [out], time.perf_counter() - t0), file=sys.stderr)
         messages.append({"role": "assistant", "content": out.text})
@@ -547,15 +603,18 @@ def main(argv=None):
         if args.prompt is not None and not args.prompt.strip():
             raise ValueError("empty prompt")
         prompts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt]
+        if args.speculative is not None and (args.spec_k < 1 or args.no_cache):
+            raise ValueError("--speculative needs --spec-k >= 1 and the cache (no --no-cache)")
         llm = LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                   n_blocks=args.n_blocks, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype)
+        spec = dict(speculative=args.speculative, spec_k=args.spec_k)
         if args.chat:
-            return run_chat(llm, params)
+            return run_chat(llm, params, spec)
         use_cache = not args.no_cache
         t0 = time.perf_counter()
         if len(prompts) == 1:
             outs = llm.generate(prompts, params, use_cache,
-                                on_text=lambda i, s: print(s, end="", flush=True))
+                                on_text=lambda i, s: print(s, end="", flush=True), **spec)
             print()
         else:
             done = []
@@ -564,7 +623,7 @@ def main(argv=None):
                 done.append(i)
                 print("\r" + progress_bar(len(done), len(prompts)), end="", file=sys.stderr,
                       flush=True)
-            outs = llm.generate(prompts, params, use_cache, on_finish=progress)
+            outs = llm.generate(prompts, params, use_cache, on_finish=progress, **spec)
             print(file=sys.stderr)
             for i, o in enumerate(outs):
                 print(f"### {i}: {prompts[i]}\n{o.text}\n")

@@ -15,7 +15,8 @@ def test_bench_all_runs_on_a_tiny_model(tmp_path, capsys):
                        "--prefill", "8", "--lengths", "8", "16", "--plot", str(png),
                        "--prefix", "40", "--requests", "6", "--in-min", "2", "--in-max", "20", "--out-min", "2",
                        "--out-max", "8",
-                       "--budget-mib", "16", "--agree-new", "4", "--ppl-tokens", "60"]) == 0
+                       "--budget-mib", "16", "--agree-new", "4", "--ppl-tokens", "60",
+                       "--spec-context", "16"]) == 0
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if ln.startswith("| ")]
     for dtype in ("bf16", "fp32"):
@@ -29,6 +30,10 @@ def test_bench_all_runs_on_a_tiny_model(tmp_path, capsys):
     on = next(r for r in rows if r.startswith("| on (one system prompt) | "))
     off = next(r for r in rows if r.startswith("| off (every prompt unique) | "))
     assert int(on.split("|")[2]) > int(off.split("|")[2])  # sharing fits more sequences
+    for prompt in ("repetitive", "code-like", "free text"):  # speculative: speedup, same run
+        assert any(r.startswith(f"| {prompt} | 8 | ") and r.endswith((" yes |", " no |"))
+                   for r in rows), prompt
+    assert any(r.startswith("| 4 | ") and r.endswith("x |") for r in rows)  # verification cost
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # memory: every architecture x every kv dtype; int8 halves fp16 but for the scales
     mem = {(r.split(" | ")[0][2:], r.split(" | ")[2]): int(r.split(" | ")[3].replace(",", ""))

@@ -313,6 +313,18 @@ def test_prefix_hit_equals_cold_prefill(tiny_dir, prefix, suffix_a, suffix_b, ch
     llm.cache.check_invariants()
 
 
+def test_identical_block_aligned_prompts_in_one_batch_equal_alone(tiny_dir):
+    """The second of two equal prompts of whole blocks maps the first's blocks and must copy
+    the last one before writing its final token: not before the first's forward pass has
+    written it (a fresh pool, so nothing is cached from before)."""
+    p = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    want = LLM(str(tiny_dir("llama")), dtype="float32", block_size=4).generate([[6, 3, 6, 0]], p)
+    llm = LLM(str(tiny_dir("llama")), dtype="float32", block_size=4)
+    outs = llm.generate([[6, 3, 6, 0]] * 3, p)
+    assert [o.token_ids for o in outs] == [want[0].token_ids] * 3
+    llm.cache.check_invariants()
+
+
 def test_shared_system_prompt_is_prefilled_once(llms):
     llm = llms["llama"]
     system = list(range(1, 41))  # 10 blocks of 4
