@@ -225,7 +225,7 @@ def test_cli_prompt_file_and_chat(llms, tmp_path):
 
 @pytest.mark.parametrize("case", [
     "empty", "context", "missing", "text", "arch", "type", "cut", "temperature", "top_p",
-    "top_k", "max_new", "kv_budget", "no_prompt"])
+    "top_k", "max_new", "kv_budget", "kv_budget_unit", "no_prompt"])
 def test_cli_bad_input_is_one_clear_line(llms, bad_files, case):
     m = ["--model", llms["llama"].model_path]
     args, match = {
@@ -241,6 +241,7 @@ def test_cli_bad_input_is_one_clear_line(llms, bad_files, case):
         "top_k": (["hi", *m, "--top-k", "-2"], "top_k must be"),
         "max_new": (["hi", *m, "--max-new-tokens", "0"], "max_new_tokens must be"),
         "kv_budget": (["hi", *m, "--n-blocks", "1", "--block-size", "4"], "too small for one"),
+        "kv_budget_unit": (["hi", *m, "--kv-budget", "2 parsecs"], "give bytes with a unit"),
         "no_prompt": (m, "give a PROMPT"),
     }[case]
     r = run_cli(*args)
