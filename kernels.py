@@ -139,6 +139,12 @@ def check_cache(k_cache, v_cache, q, kv_scales):
     return k_scales, v_scales, k_scales.stride(0), k_scales.stride(1)
 
 
+def pipeline_stages(dtype) -> int:
+    """Software-pipelining depth of the attention loops: each stage buffers a K and a V tile
+    in shared memory, and fp32 tiles are twice the bytes of 16-bit ones."""
+    return 2 if dtype == torch.float32 else 3
+
+
 def dot_precision(dtype) -> str:
     """fp32 stays fp32 in tl.dot (TF32 would cost ~1e-3 relative error); 16-bit inputs
     ignore the setting."""
@@ -455,7 +461,7 @@ def prefill_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scal
         out.stride(1), *k_cache.stride()[:3], s_sh, s_sn, meta.block_tables.stride(0),
         GROUP=n_head // n_kv, GROUP_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, HEAD_D=d, BLOCK_D=dot_width(d), QUANT=kv_scales is not None,
-        DOT_PRECISION=dot_precision(q.dtype))
+        DOT_PRECISION=dot_precision(q.dtype), num_stages=pipeline_stages(q.dtype))
     return out
 
 
@@ -590,7 +596,8 @@ def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
         meta.context_lens, scale * math.log2(math.e), q.stride(0), q.stride(1),
         *k_cache.stride()[:3], s_sh, s_sn, meta.block_tables.stride(0), GROUP=n_head // n_kv,
         GROUP_PAD=g_pad, N_SPLITS=n_splits, BLOCK_N=block_n, BLOCK_SIZE=block_size, HEAD_D=d,
-        BLOCK_D=dot_width(d), QUANT=kv_scales is not None, DOT_PRECISION=dot_precision(q.dtype))
+        BLOCK_D=dot_width(d), QUANT=kv_scales is not None, DOT_PRECISION=dot_precision(q.dtype),
+        num_stages=pipeline_stages(q.dtype))
     out = torch.empty_like(q) if out is None else out
     _merge_splits_kernel[(n_seq, n_head)](
         part, lse, out, out.stride(0), out.stride(1), N_SPLITS=n_splits,

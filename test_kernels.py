@@ -191,7 +191,7 @@ def assert_kernel_matches(launch, case, dtype):
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@settings(max_examples=25)
+@settings(max_examples=max(25, settings.default.max_examples))
 @given(case=kernel_batches(), tile=tiles)
 def test_triton_prefill_attention_matches_reference(dtype, case, tile):
     launch = functools.partial(kernels.prefill_attention_triton, **tile)
@@ -199,7 +199,7 @@ def test_triton_prefill_attention_matches_reference(dtype, case, tile):
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@settings(max_examples=25)
+@settings(max_examples=max(25, settings.default.max_examples))
 @given(case=kernel_batches(), n_splits=st.sampled_from([None, 1, 2, 3, 8]),
        block_n=st.sampled_from([16, 64]))
 def test_triton_decode_attention_matches_reference(dtype, case, n_splits, block_n):
@@ -281,7 +281,7 @@ def quantized_pool(k_cache, v_cache, qdtype):
     return kq, vq, (ks, vs)
 
 
-@settings(max_examples=25)
+@settings(max_examples=max(25, settings.default.max_examples))
 @given(case=paged_batches())
 def test_int8_attention_error_is_bounded_by_the_scales(case):
     """Attention over an int8 cache differs from attention over the exact cache by at most
@@ -343,7 +343,7 @@ def test_triton_store_quantizes_like_the_reference(qdtype, n_tok, n_kv, d, seed)
 
 @pytest.mark.parametrize("qdtype", QUANT_DTYPES)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@settings(max_examples=15)
+@settings(max_examples=max(15, settings.default.max_examples))
 @given(case=kernel_batches(), decode=st.booleans())
 def test_triton_attention_over_a_quantized_cache_matches_reference(qdtype, dtype, case, decode):
     """Prefill and split-K decode over int8 / fp8 values: the oracle attends over the
