@@ -38,10 +38,10 @@ class CacheFull(RuntimeError):
     """The pool has no free block for a requested append. Nothing was changed."""
 
 
-# the storage of a KV pool: a float dtype, or a quantized one (values plus per-vector scales)
-KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "int8": torch.int8, "fp8": torch.float8_e4m3fn}
-QUANTIZED = (torch.int8, torch.float8_e4m3fn)
+# the quantized storages of a KV pool (values plus one scale per vector), by name; a pool in
+# any other dtype holds the model's K/V as they are
+QUANTIZED_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+QUANTIZED = tuple(QUANTIZED_DTYPES.values())
 SCALE_DTYPE = torch.float32
 
 

@@ -161,13 +161,13 @@ def resolve_kv_dtype(kv_dtype, dtype, device) -> torch.dtype:
     """The KV pool's storage: the model's dtype (None, "auto"), or int8 / fp8, quantized."""
     if kv_dtype in (None, "auto") or kv_dtype == dtype:
         return dtype
-    if kv_dtype not in ("int8", "fp8"):
+    if kv_dtype not in cache_mod.QUANTIZED_DTYPES:
         raise ValueError(f"unsupported kv_dtype {kv_dtype!r} (auto, int8 or fp8)")
     if kv_dtype == "fp8" and device.type == "cuda" and \
             torch.cuda.get_device_capability(device) < (8, 9):
         raise ValueError("kv_dtype fp8 needs a GPU of compute capability 8.9 or newer "
                          "(Ada, Hopper); use int8")
-    return cache_mod.KV_DTYPES[kv_dtype]
+    return cache_mod.QUANTIZED_DTYPES[kv_dtype]
 
 
 class LLM:

@@ -31,6 +31,13 @@ import triton
 import triton.language as tl
 
 
+def head_rows(blocks, n_kv, n_blocks) -> torch.Tensor:
+    """Rows of a layer's cache viewed as (K N, P, D) that hold each head's copy of the given
+    blocks (any shape), in (head, blocks...) order: row = head * N + block."""
+    heads = torch.arange(n_kv, device=blocks.device).unsqueeze(1) * n_blocks   # (K, 1)
+    return (heads + blocks.reshape(1, -1)).view(-1)
+
+
 @dataclass(frozen=True)
 class AttnMeta:
     """What attention needs to know about one packed ragged batch. Built by the runner, passed
@@ -81,9 +88,7 @@ class AttnMeta:
         same for every layer, so built once per step."""
         memo = self._head_block_rows
         if (n_kv, n_blocks) not in memo:
-            blocks = self.decode_gather[0]
-            heads = torch.arange(n_kv, device=blocks.device).unsqueeze(1) * n_blocks  # (K, 1)
-            memo[n_kv, n_blocks] = (heads + blocks.reshape(1, -1)).view(-1)
+            memo[n_kv, n_blocks] = head_rows(self.decode_gather[0], n_kv, n_blocks)
         return memo[n_kv, n_blocks]
 
     @cached_property
@@ -332,8 +337,7 @@ def gather_context(k_cache, v_cache, block_table, n_ctx, kv_scales=None, dtype=N
     """The first n_ctx tokens of one sequence as contiguous (K, S, D) tensors (in dtype)."""
     n_kv, n_blocks, block_size, d = k_cache.shape
     n_used = -(-n_ctx // block_size)
-    heads = torch.arange(n_kv, device=block_table.device).unsqueeze(1) * n_blocks  # (K, 1)
-    rows = (heads + block_table[:n_used].unsqueeze(0)).view(-1)            # (K n_used,)
+    rows = head_rows(block_table[:n_used], n_kv, n_blocks)                 # (K n_used,)
     return [gather_blocks(c, s, rows, dtype).view(n_kv, n_used * block_size, d)[:, :n_ctx]
             for c, s in zip((k_cache, v_cache), kv_scales or (None, None))]
 
