@@ -481,7 +481,7 @@ def copy_bandwidth_gbs(device, n_bytes=1 << 30) -> float:
 def paged_pool(n_seq, n_ctx, n_kv, d, block_size, dtype, device, g):
     """A (K, N, P, D) pool holding n_seq sequences of n_ctx tokens in shuffled blocks, and the
     decode metadata of one new token each (already stored: the last position)."""
-    import kernels
+    from model import kernels
     n_used = -(-n_ctx // block_size)
     n_blocks = n_seq * n_used
     k_cache = torch.randn(n_kv, n_blocks, block_size, d, generator=g).to(device, dtype)
@@ -498,7 +498,9 @@ def paged_pool(n_seq, n_ctx, n_kv, d, block_size, dtype, device, g):
 def bench_kernels(args):
     """Peers in the same run: torch SDPA on contiguous K/V (the flash backend for prefill),
     with and without the gather that turns the paged pool into contiguous tensors."""
-    import kernels
+    from model import kernels
+    if kernels.triton is None:
+        raise ValueError("bench.py kernels needs the triton package (Linux only)")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("bench.py kernels needs a CUDA GPU (TRITON_INTERPRET=1 gives a slow "
                          "dry run of the code on a CPU, with tiny --kernel-* sizes)")

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 import cache as cache_mod
-import kernels
 import model as model_mod
+from model import kernels  # kernels.py, by a name of its own (see model.py)
 
 # ------------------------------------------------------------------------------------------
 # requests and results

@@ -18,17 +18,47 @@ Shapes (the alphabet of model.py): B sequences, T new tokens (packed, all sequen
 S context length, H query heads, K KV heads, G = H // K query heads per KV head, D head dim,
 N blocks, P block size.
 
+This file is loaded as the module `kvcache_kernels` (see model.py: `kernels` is also the name of
+Hugging Face's hub-kernels package); the engine's copy is `from model import kernels`.
+
 Tests: `pytest test_kernels.py`.
 """
+import importlib.machinery
+import importlib.util
 import math
 import os
+import sys
+
+if __name__ == "kernels":
+    # A bare `import kernels` found this file first on sys.path, from this folder: the caller
+    # may be transformers asking for Hugging Face's package. Where another `kernels` is installed
+    # it takes the name (`import` returns whatever sys.modules holds once this file has run);
+    # where none is, the name stays with this file, a second copy beside the engine's own.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _here])
+    if _spec is not None:
+        sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(sys.modules["kernels"])
+
 from dataclasses import dataclass
 from functools import cache, cached_property
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+    jit = triton.jit
+except ImportError:  # no triton wheel for this platform (macOS, Windows): the reference only
+    triton = None
+
+    class tl:  # what the kernel signatures below name at definition; they are never launched
+        constexpr = None
+
+    def jit(fn):
+        return fn
 
 
 def head_rows(blocks, n_kv, n_blocks) -> torch.Tensor:
@@ -117,12 +147,16 @@ class AttnMeta:
 # dispatch and launcher checks
 
 def use_triton(x: torch.Tensor) -> bool:
-    """CUDA tensors take the Triton kernels, the rest the reference; the environment variable
-    KVCACHE_KERNELS=ref|triton overrides that (read at every call, so a test can flip it)."""
+    """CUDA tensors take the Triton kernels (where triton is installed), the rest the reference;
+    the environment variable KVCACHE_KERNELS=ref|triton overrides that (read at every call, so
+    a test can flip it)."""
     force = os.environ.get("KVCACHE_KERNELS", "")
     if force not in ("", "ref", "triton"):
         raise ValueError(f"KVCACHE_KERNELS={force!r}: use 'ref' or 'triton'")
-    return force == "triton" or (force == "" and x.is_cuda)
+    if force == "triton" and triton is None:
+        raise RuntimeError("KVCACHE_KERNELS=triton: the triton package is not installed (it has "
+                           "no wheel for this platform)")
+    return force == "triton" or (force == "" and x.is_cuda and triton is not None)
 
 
 def check_cache(k_cache, v_cache, q, kv_scales):
@@ -197,7 +231,7 @@ def store_kv_ref(k, v, k_cache, v_cache, meta: AttnMeta, kv_scales=None):
         cache.permute(1, 2, 0, 3).index_put_((block, offset), x)            # a (N, P, K, D) view
 
 
-@triton.jit
+@jit
 def _store_vector(x_ptr, cache_ptr, scale_ptr, d, d_ok, QMAX: tl.constexpr,
                   QUANT: tl.constexpr, IS_INT: tl.constexpr):
     """Copy one D-vector into the cache; quantized: scale by max|x| / QMAX as quantize_ref."""
@@ -213,7 +247,7 @@ def _store_vector(x_ptr, cache_ptr, scale_ptr, d, d_ok, QMAX: tl.constexpr,
     tl.store(cache_ptr + d, x.to(cache_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.jit
+@jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr,
                      slot_ptr,
                      s_kt, s_kh, s_vt, s_vh,  # strides of k, v (T, K, D); D's stride is 1
@@ -260,7 +294,7 @@ def store_kv(k, v, k_cache, v_cache, meta: AttnMeta, kv_scales=None):
 # ------------------------------------------------------------------------------------------
 # Triton: one tile of keys for a tile of query rows (shared by prefill and decode)
 
-@triton.jit
+@jit
 def _attend_tile(q, acc, m_i, l_i, k_base, v_base, ks_base, vs_base, table_ptr, start, k_end,
                  q_pos, qk_scale, s_cn, s_cp, s_sn, BLOCK_N: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -306,7 +340,7 @@ def _attend_tile(q, acc, m_i, l_i, k_base, v_base, ks_base, vs_base, table_ptr, 
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
 
-@triton.jit
+@jit
 def _query_rows(tile, n_q, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                 BLOCK_Q: tl.constexpr):
     """GQA packing: the rows of a tile are BLOCK_Q query positions x GROUP_PAD query heads of
@@ -381,7 +415,7 @@ def prefill_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=
     return out
 
 
-@triton.jit
+@jit
 def _prefill_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, out_ptr, block_tables_ptr,
         context_lens_ptr, query_start_ptr, qk_scale,
@@ -507,7 +541,7 @@ def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=N
     return out.transpose(0, 1).reshape(n_seq, n_head, d)
 
 
-@triton.jit
+@jit
 def _decode_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, part_ptr, lse_ptr,
         block_tables_ptr, context_lens_ptr, qk_scale, s_qb, s_qh, s_ch, s_cn, s_cp, s_sh, s_sn,
@@ -548,7 +582,7 @@ def _decode_attention_kernel(
     tl.store(lse_ptr + row, m_i + tl.math.log2(l_safe), mask=row_ok)
 
 
-@triton.jit
+@jit
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, s_ob, s_oh, N_SPLITS: tl.constexpr,
                          SPLITS_PAD: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (b, head): out = sum_s w_s part_s with w_s = 2^(lse_s - max lse) / sum of them,

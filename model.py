@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+# ------------------------------------------------------------------------------------------
+# kernels.py, under a name no installed package owns
+#
+# `kernels` is also the import name of Hugging Face's hub-kernels package, which transformers
+# (5.25 and later) imports whenever a model class is touched. A bare `import kernels` searches
+# sys.path in order, and sys.path[0] is this folder for `python generate.py`, `python bench.py`
+# and a user's script saved here, and the working directory ('') for `python -m pytest` or
+# `python -c` run here: so the bare name finds this project's file first, whoever asks. One name
+# holds one module in sys.modules, so no import order can give both transformers and us what we
+# want under it. Ours is therefore loaded from its file under the name `kvcache_kernels`, and
+# every file of this project takes it from here (`from model import kernels`); kernels.py
+# itself, when a bare `import kernels` reaches it, hands the name on to the installed package.
+KERNELS_MODULE = "kvcache_kernels"
+
+
+def load_kernels():
+    """kernels.py as the module `kvcache_kernels`, loaded once per process."""
+    if KERNELS_MODULE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(KERNELS_MODULE,
+                                                      Path(__file__).with_name("kernels.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[KERNELS_MODULE] = module  # before running it, as `import` does
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[KERNELS_MODULE]
+            raise
+    return sys.modules[KERNELS_MODULE]
+
+
+kernels = load_kernels()
 
 # ------------------------------------------------------------------------------------------
 # configs (read from the checkpoint's own metadata, never guessed from file names)

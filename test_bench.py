@@ -6,6 +6,7 @@ import torch
 
 import bench
 from conftest import make_checkpoint
+from test_kernels import needs_triton
 
 
 def test_bench_all_runs_on_a_tiny_model(tmp_path, capsys):
@@ -46,6 +47,7 @@ def test_bench_all_runs_on_a_tiny_model(tmp_path, capsys):
     assert "+0.00%" in acc["fp32"] and " | 0.000 | 0.0000 | " in acc["fp32"] and len(acc) == 3
 
 
+@needs_triton
 def test_bench_kernels_runs(capsys):
     """The GPU section end to end: compiled on a GPU; on a CPU a dry run in Triton's
     interpreter on tiny sizes (conftest.py sets TRITON_INTERPRET=1)."""

@@ -4,6 +4,8 @@ every step, greedy tokens), batched == one at a time, preempted == never preempt
 prefill == whole prefill; sampling, stop strings and streaming; every bad input gives one
 clear error (API and CLI); the golden continuation of the real model.
 """
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import kernels
+from model import kernels
 from conftest import make_checkpoint, smollm2_path
 from generate import LLM, SamplingParams, sample
 
@@ -198,6 +200,45 @@ def bad_files(tmp_path_factory, llms):
     (d / "cut.gguf").write_bytes(data[:len(data) // 2])
     (d / "text.txt").write_text("not a model")
     return d
+
+
+# The engine on a platform without a triton wheel (macOS, Windows): triton made unimportable.
+NO_TRITON = """
+import json, os, sys
+
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "triton":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NoTriton())
+from generate import LLM, SamplingParams
+from model import kernels
+assert kernels.triton is None and "triton" not in sys.modules
+llm = LLM(sys.argv[1], dtype="float32", block_size=4)
+params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+tokens = [c.token_ids for c in llm.generate([[3, 4, 5, 6, 7], [3, 4, 5, 9]], params)]
+os.environ["KVCACHE_KERNELS"] = "triton"
+try:
+    llm.generate([[3, 4]], params)
+except RuntimeError as e:
+    print(json.dumps([tokens, str(e)]))
+"""
+
+
+def test_engine_runs_without_triton(tiny_dir):
+    """Where triton cannot be imported the engine imports, runs its reference (the same tokens
+    as here) and refuses KVCACHE_KERNELS=triton with a reason."""
+    path = tiny_dir("llama")
+    out = subprocess.run([sys.executable, "-c", NO_TRITON, str(path)], cwd=HERE,
+                         capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "KVCACHE_KERNELS"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    tokens, error = json.loads(out.stdout)
+    llm = LLM(str(path), dtype="float32", block_size=4)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    assert tokens == [c.token_ids for c in llm.generate([[3, 4, 5, 6, 7], [3, 4, 5, 9]], params)]
+    assert "triton package is not installed" in error
 
 
 def test_cli_streams_a_completion(llms):

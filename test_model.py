@@ -4,15 +4,20 @@ for HF directories (GPT-2, Llama with GQA + untied embeddings + Llama-3 RoPE sca
 with QKV bias, sharded files) and GGUF files (every supported tensor type, llama.cpp's Q/K row
 order undone); the real SmolLM2 GGUF; the tokenizer against transformers'; loader errors.
 """
+import importlib.metadata
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
-import kernels
 import model as M
+from model import kernels
 from cache import KVCache
 from conftest import make_checkpoint, smollm2_path, TRAIN_TEXT
 
@@ -47,6 +52,59 @@ def test_logits_match_transformers(tmp_path, arch):
     want = hf(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(our_logits(ours, ids), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(our_logits(ours, ids, paged=True), want, rtol=1e-4, atol=1e-4)
+
+
+# A process started in the project folder, as `python generate.py` or a user's script there
+# is: it touches transformers' model classes (which import Hugging Face's `kernels` package,
+# 5.25 and later) before or after the engine, then runs the engine's kernels and compares.
+ROOT = Path(__file__).resolve().parent
+ONE_PROCESS = """
+import sys, pathlib, torch
+if sys.argv[2] == "transformers":
+    import transformers
+    transformers.LlamaForCausalLM  # touching a model class imports `kernels` (5.25 and later)
+import model
+from conftest import make_checkpoint
+from test_model import our_logits
+path = pathlib.Path(sys.argv[1])
+hf = make_checkpoint(path, "llama")
+ours, tok = model.load(path)
+ids = tok.encode("the quick brown fox jumps")
+want = hf(torch.tensor([ids])).logits[0]
+torch.testing.assert_close(our_logits(ours, ids, paged=True), want, rtol=1e-4, atol=1e-4)
+import kernels  # the bare name, as transformers asks for it
+print(model.kernels.__name__, model.kernels.__file__, kernels.__file__,
+      hasattr(kernels, "CUDAProperties"))
+"""
+
+
+def installed(dist):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@pytest.mark.parametrize("first", ["engine", "transformers"])
+def test_engine_and_transformers_share_one_process(tmp_path, first):
+    """`kernels` names this project's kernels.py and Hugging Face's hub-kernels package, which
+    transformers imports: in one process, whichever comes first, both work, the engine's
+    kernels (through Triton where it is installed) give transformers' logits, and the bare
+    name belongs to the installed package."""
+    hf_kernels = installed("kernels")
+    major, minor = map(int, installed("transformers").split(".")[:2])
+    if (major, minor) >= (5, 25):  # it requires the package: the clash is really exercised
+        assert hf_kernels is not None
+    env = dict(os.environ, KVCACHE_KERNELS="triton" if kernels.triton else "ref")
+    out = subprocess.run([sys.executable, "-c", ONE_PROCESS, str(tmp_path), first], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    name, ours, bare, bare_is_hf = out.stdout.split()
+    assert name == "kvcache_kernels" and Path(ours) == ROOT / "kernels.py"
+    if hf_kernels:
+        assert Path(bare).parent.name == "kernels" and bare_is_hf == "True"
+    else:
+        assert Path(bare) == ROOT / "kernels.py"
 
 
 def test_sharded_checkpoint_loads_the_same(tmp_path):
