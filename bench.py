@@ -29,8 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from generate import LLM, SamplingParams
-from speculative import DraftSeq
+from generate import LLM, SamplingParams, Scheduler
+from speculative import Speculator
 
 # ------------------------------------------------------------------------------------------
 # conditions
@@ -396,23 +396,6 @@ def default_model():
     return str(default_model_path())
 
 
-def teacher_forced_logits(llm, ids, chunk=256):
-    """(len(ids), V) logits of every position of ids through llm's paged cache, prefilled
-    chunk by chunk: every position attends over K/V read back from the (maybe quantized)
-    pool, as in generation."""
-    [seq] = llm.make_sequences([ids[:-1]], SamplingParams(max_new_tokens=1))
-    seq.tokens = list(ids)
-    out = []
-    try:
-        while seq.n_computed < len(ids):
-            n = min(chunk, len(ids) - seq.n_computed)
-            out.append(llm.run_batch([(seq, n, llm.reserve(seq, n))], all_logits=True))
-    finally:
-        llm.cache.free(seq.id)
-        llm.cache.forget_cached()
-    return torch.cat(out)
-
-
 def bench_accuracy(args):
     """An fp32 model with an fp32 cache against the same model with an int8 and an fp8
     cache: perplexity of a fixed public-domain text (declaration.txt, the Declaration of
@@ -428,7 +411,7 @@ def bench_accuracy(args):
     for kv in ("auto", "int8", "fp8"):
         llm = LLM(args.model, dtype="float32", kv_dtype=kv)
         ids = llm.tokenizer.encode(text)[:args.ppl_tokens or None]
-        logits = teacher_forced_logits(llm, ids)
+        logits = llm.score(ids)
         nll = F.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
         greedy = [o.token_ids for o in llm.generate(prompts, p)]
         results[kv] = logits, float(torch.exp(nll)), greedy, llm.cache.bytes_per_token
@@ -489,9 +472,8 @@ def paged_pool(n_seq, n_ctx, n_kv, d, block_size, dtype, device, g):
     tables = torch.randperm(n_blocks, generator=g).view(n_seq, n_used).to(device)
     last = tables[:, (n_ctx - 1) // block_size] * block_size + (n_ctx - 1) % block_size
     ctx = (n_ctx,) * n_seq
-    meta = kernels.AttnMeta(last, tables, torch.tensor(ctx, device=device),
-                            torch.arange(n_seq + 1, device=device), ctx,
-                            tuple(range(n_seq + 1)), block_size)
+    meta = kernels.AttnMeta.paged(last.tolist(), tables, ctx, range(n_seq + 1),
+                                  k_cache.shape[:3], device)
     return k_cache, v_cache, meta
 
 
@@ -598,13 +580,13 @@ def bench_speculative(args):
     for r in range(args.repeat + 1):  # round 0 is a warm-up
         for name, k in configs:
             llm.cache.forget_cached()
-            spec = dict(speculative="ngram", spec_k=k) if k else {}
-            [out] = llm.generate([ids[name]], p, **spec)
+            spec = Speculator("ngram", k) if k else None
+            [out] = llm.generate([ids[name]], p, speculator=spec)
             if k is None:
                 tokens[name] = out.token_ids
             else:
-                accept[name, k] = llm.spec_stats.acceptance_rate
-                per_fwd[name, k] = llm.spec_stats.tokens_per_forward
+                accept[name, k] = spec.stats.acceptance_rate
+                per_fwd[name, k] = spec.stats.tokens_per_forward
                 same[name, k] = same.get((name, k), True) and out.token_ids == tokens[name]
             if r:
                 rates[name, k].append((len(out.token_ids) - 1) / out.decode_s)
@@ -629,19 +611,19 @@ def bench_verify_cost(args, llm):
     after each pass."""
     g = torch.Generator().manual_seed(5)
     n_ctx, ks = args.spec_context, args.spec_k
-    seq = DraftSeq(-1, torch.randint(0, llm.cfg.vocab_size, (n_ctx + max(ks) + 1,),
-                                     generator=g).tolist())
+    ids = torch.randint(0, llm.cfg.vocab_size, (n_ctx + max(ks) + 1,), generator=g).tolist()
+    [seq] = llm.make_sequences([ids], SamplingParams(max_new_tokens=1))
+    sched = Scheduler(llm.cache, n_ctx)
     llm.cache.forget_cached()
-    llm.run_batch([(seq, n_ctx, llm.reserve(seq, n_ctx))])  # the cached context
+    llm.run([sched.reserve(seq, n_ctx)])  # the cached context
     times = {n: [] for n in [1] + [k + 1 for k in ks]}
     for _ in range(args.repeat * 4):
         for n in times:
-            batch = [(seq, n, llm.reserve(seq, n))]
+            batch = [sched.reserve(seq, n)]
             t = time.perf_counter()
-            llm.run_batch(batch, all_logits=True)
+            llm.run(batch, all_logits=True)
             times[n].append(time.perf_counter() - t)
-            llm.cache.truncate(seq.id, n)
-            seq.n_computed -= n
+            sched.rollback(seq, n)
     llm.cache.free(seq.id)
     med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
     print(f"\nCost of verification: one forward pass of n new tokens after {n_ctx} cached, "

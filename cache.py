@@ -45,6 +45,20 @@ QUANTIZED = tuple(QUANTIZED_DTYPES.values())
 SCALE_DTYPE = torch.float32
 
 
+def kv_storage_dtype(kv_dtype, dtype, device) -> torch.dtype:
+    """The pool's storage: the model's dtype (None, "auto"), or int8 / fp8, quantized."""
+    if kv_dtype in (None, "auto") or kv_dtype == dtype:
+        return dtype
+    if kv_dtype not in QUANTIZED_DTYPES:
+        raise ValueError(f"unsupported kv_dtype {kv_dtype!r} (auto, int8 or fp8)")
+    device = torch.device(device)
+    if kv_dtype == "fp8" and device.type == "cuda" and \
+            torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError("kv_dtype fp8 needs a GPU of compute capability 8.9 or newer "
+                         "(Ada, Hopper); use int8")
+    return QUANTIZED_DTYPES[kv_dtype]
+
+
 def bytes_per_token(n_layer, n_kv_head, head_dim, dtype) -> int:
     """K and V, every layer, every KV head: 2 * L * K * D * bytes_per_element, plus one scale
     per vector for a quantized dtype."""
@@ -106,6 +120,22 @@ class KVCache:
     holds one fp32 scale per stored vector, beside its block, and moves with it (copy-on-write
     copies both). The kernels quantize on store and dequantize on load."""
 
+    # A budget given as a fraction of free memory can be far more than one engine can use: the
+    # pool is capped at this many full-length contexts (more sequences than that never run at
+    # once at full length, and the rest of the memory stays free for activations and others).
+    MAX_FULL_CONTEXTS = 64
+
+    @classmethod
+    def from_budget(cls, budget, block_size, n_layer, n_kv_head, head_dim, max_seq_len,
+                    dtype=torch.float32, device="cpu"):
+        """A pool of as many blocks as `budget` (see parse_budget) holds, at least one and at
+        most MAX_FULL_CONTEXTS contexts of max_seq_len tokens."""
+        n_blocks = blocks_for_budget(parse_budget(budget, device), block_size, n_layer,
+                                     n_kv_head, head_dim, dtype)
+        n_cap = cls.MAX_FULL_CONTEXTS * math.ceil(max_seq_len / block_size)
+        return cls(n_layer, n_kv_head, head_dim, max(1, min(n_blocks, n_cap)), block_size,
+                   dtype, device)
+
     def __init__(self, n_layer, n_kv_head, head_dim, n_blocks, block_size=16,
                  dtype=torch.float32, device="cpu"):
         if block_size < 1 or n_blocks < 1:
@@ -130,6 +160,10 @@ class KVCache:
         self.free_blocks = deque(range(n_blocks))
         self.cached_free: OrderedDict[int, None] = OrderedDict()
         self.hash_to_block: dict[int, int] = {}
+        # blocks hashed when their slots were reserved, whose K/V the coming forward pass
+        # has not written yet: another sequence may map them (the pass writes before anyone
+        # attends), but nothing may copy them, and a failed pass must forget them
+        self.unwritten: set[int] = set()
         # per sequence
         self.block_tables: dict[int, list[int]] = {}  # seq id -> physical blocks, in order
         self.seq_tokens: dict[int, list[int]] = {}    # seq id -> token ids it has slots for
@@ -155,6 +189,11 @@ class KVCache:
         return self.n_used_blocks * self.block_size * self.bytes_per_token
 
     @property
+    def pool_shape(self) -> tuple:
+        """(K, N, P): what attention metadata needs to know of this pool."""
+        return self.n_kv_head, self.n_blocks, self.block_size
+
+    @property
     def capacity_tokens(self) -> int:
         return self.n_blocks * self.block_size
 
@@ -164,6 +203,13 @@ class KVCache:
 
     def blocks_needed(self, n_tokens) -> int:
         return math.ceil(n_tokens / self.block_size)
+
+    def check_fits(self, n_tokens):
+        """Raise a ValueError if one sequence of n_tokens could never fit in the pool."""
+        if self.blocks_needed(n_tokens) > self.n_blocks:
+            raise ValueError(f"the KV cache ({self.n_blocks} blocks of {self.block_size} tokens "
+                             f"= {self.capacity_tokens} tokens) is too small for one request of "
+                             f"{n_tokens} tokens; give it more blocks")
 
     def seq_len(self, seq_id) -> int:
         return len(self.seq_tokens[seq_id])
@@ -225,6 +271,7 @@ class KVCache:
         if h is not None and self.hash_to_block.get(h) == block:
             del self.hash_to_block[h]
         self.block_hash[block] = self.block_tokens[block] = self.block_parent[block] = None
+        self.unwritten.discard(block)
 
     def _copy_block(self, src) -> int:
         """Copy-on-write: a private copy of src's contents, every layer, K and V."""
@@ -290,6 +337,28 @@ class KVCache:
         self.block_hash[block], self.block_parent[block] = h, parent
         self.block_tokens[block] = tuple(tokens)
         self.hash_to_block.setdefault(h, block)  # an equal block already cached stays canonical
+        self.unwritten.add(block)
+
+    def copies_unwritten(self, seq_id) -> bool:
+        """Whether seq_id's next write would copy (copy-on-write) a shared block whose contents
+        the coming forward pass has yet to write: the copy would copy nothing. Such a
+        sequence waits a step."""
+        i = self._shared_write_block(seq_id)
+        return i is not None and self.block_tables[seq_id][i] in self.unwritten
+
+    def mark_written(self):
+        """The forward pass has written every reserved slot: nothing is pending any more."""
+        self.unwritten.clear()
+
+    def abort_step(self):
+        """A forward pass failed: the blocks it was to write hold nothing, so forget their
+        hashes (a later request must not map them). Every other cached prefix stays."""
+        for block in list(self.unwritten):
+            self._unhash(block)
+            if self.ref_counts[block] == 0 and block in self.cached_free:
+                del self.cached_free[block]
+                self.free_blocks.append(block)
+        self.unwritten.clear()
 
     def fork(self, parent_id, child_id):
         """child_id shares every block of parent_id (n samples of one prompt): no copy until
@@ -344,8 +413,8 @@ class KVCache:
         """Assert the bookkeeping: reference counts equal block-table references; the free
         and used sets are disjoint and together every block (none lost); every hash entry
         points to a block whose tokens and parent give that hash; cached free blocks are
-        exactly the hashed unreferenced ones; every table fits its sequence's length, and the
-        hashed blocks of a sequence hold its tokens."""
+        exactly the hashed unreferenced ones; every unwritten block is hashed; every table fits
+        its sequence's length, and the hashed blocks of a sequence hold its tokens."""
         refs = [0] * self.n_blocks
         for table in self.block_tables.values():
             for b in table:
@@ -364,6 +433,8 @@ class KVCache:
             assert self.hash_to_block.get(self.block_hash[b]) == b, f"cached block {b} unhashed"
         for b in free:
             assert self.block_hash[b] is None, f"free block {b} keeps a hash"
+        for b in self.unwritten:
+            assert self.block_hash[b] is not None, f"unwritten block {b} is not hashed"
         assert self.block_tables.keys() == self.seq_tokens.keys(), "tables and tokens disagree"
         p = self.block_size
         for s, table in self.block_tables.items():

@@ -1,5 +1,5 @@
 """
-Generation: requests, a scheduler over the paged KV cache, the step runner, sampling, the CLI.
+Generation: requests, sampling, streaming, the scheduler, the runner, the engine, the CLI.
 
     python generate.py "Once upon a time"              # stream a completion (embedded model)
     python generate.py --chat                           # interactive chat
@@ -10,30 +10,33 @@ From Python:
     llm = LLM()                                         # SmolLM2-135M-Instruct, bf16 on CPU
     [out] = llm.generate(["Once upon a time"], SamplingParams(max_new_tokens=32))
 
-One engine step: the scheduler picks sequences and how many of their tokens to compute (whole
-prompts, or one token per running sequence), the cache gives each new token a slot, the runner
-packs them into one ragged batch (no padding) and calls the model once, and every sequence
-whose tokens are all computed samples its next token.
+One engine step (LLM.step) is three calls: the Scheduler picks the sequences of this step and
+how many of their tokens to compute (whole prompts, chunks of long ones, or one token per
+decoding sequence), reserving a cache slot for each; the runner (run_batch) packs them into
+one ragged batch (no padding) and calls the model once; postprocess samples the next token of
+every sequence whose tokens are all computed, streams its text and retires it when done.
 
 Prompts that share a prefix share its KV blocks (cache.py): a request prefills only what the
 pool does not already hold, and reports the rest as n_cached_tokens. A pool of any size serves
 any number of requests: the scheduler admits what fits, chunks long prompts, and preempts (and
-later recomputes) the newest sequence when the pool runs dry.
+later recomputes) the newest sequence when the pool runs dry. Speculative decoding
+(speculative.py) replaces whole steps once every sequence decodes.
 
 What this is not: a server (no network front end, no async API). Test: `pytest test_generate.py`.
 """
 import argparse
-import math
 import random
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 import cache as cache_mod
 import model as model_mod
+import speculative as spec_mod
 from model import kernels  # kernels.py, by a name of its own (see model.py)
 
 # ------------------------------------------------------------------------------------------
@@ -67,6 +70,32 @@ class SamplingParams:
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n}")
 
+    # The sampling rule lives with its parameters, so that speculative.py (which must not
+    # import this file) applies exactly the same rule to a draft's logits.
+    def probs(self, logits) -> torch.Tensor:
+        """The distribution `draw` samples (temperature > 0): softmax(logits / temperature)
+        over the tokens that top-k and top-p keep. fp32 logits (..., V) -> probabilities
+        (..., V), row by row (speculative decoding needs the whole distribution: p and q)."""
+        logits = logits / self.temperature
+        if self.top_k:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1])).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+            # drop a token if the tokens before it already reach top_p (the top one stays)
+            drop = (cum - torch.softmax(sorted_logits, -1)) >= self.top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop),
+                                        float("-inf"))
+        return torch.softmax(logits, -1)
+
+    def draw(self, logits, rng) -> int:
+        """One token from fp32 logits (V,): the argmax when greedy, else a draw from probs
+        with the request's own RNG."""
+        if self.temperature == 0:
+            return int(logits.argmax())
+        return int(torch.multinomial(self.probs(logits), 1, generator=rng))
+
 
 @dataclass
 class Completion:
@@ -89,6 +118,7 @@ class Sequence:
     params: SamplingParams
     rng: torch.Generator
     detok: model_mod.StreamDecoder
+    eos_ids: frozenset = frozenset()
     n_computed: int = 0
     n_cached: int | None = None     # prompt tokens found in the cache at first admission
     forks: list = field(default_factory=list)  # samples 2..n, forked once the prompt is done
@@ -102,38 +132,273 @@ class Sequence:
     def out_ids(self):
         return self.tokens[self.n_prompt:]
 
+    @property
+    def n_left(self) -> int:
+        """Tokens it may still generate."""
+        return self.params.max_new_tokens - (len(self.tokens) - self.n_prompt)
+
+    def append_token(self, tok, now) -> bool:
+        """Take the chosen next token: stop at end-of-sequence, detokenize, stop at a stop
+        string (cut from the text) or at the length limit. True once finished."""
+        p = self.params
+        if self.t_first is None:
+            self.t_first = now
+        if tok in self.eos_ids and not p.ignore_eos:
+            self.finish_reason = "stop"
+        else:
+            self.tokens.append(tok)
+            self.text += self.detok.feed(tok)
+            hit = [self.text.find(s) for s in p.stop if s in self.text]
+            if hit:
+                self.text, self.finish_reason = self.text[:min(hit)], "stop"
+            elif self.n_left <= 0:
+                self.finish_reason = "length"
+        if self.finish_reason:
+            if self.finish_reason == "length" and not p.stop:
+                self.text += self.detok.flush()
+            self.t_end = time.perf_counter()
+        return self.finish_reason is not None
+
+    def new_text(self) -> str:
+        """The text that became final since the last call: all of it once finished, else all
+        but a tail that might still turn out to begin a stop string."""
+        end = len(self.text) if self.finish_reason else \
+            len(self.text) - stop_holdback(self.text, self.params.stop)
+        piece = self.text[self.n_emitted:end]
+        self.n_emitted = max(self.n_emitted, end)
+        return piece
+
+
+def encode_prompt(tokenizer, vocab_size, prompt) -> list:
+    """A prompt's token ids: a string is encoded, a list of ids is checked."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt) if prompt else []
+    else:
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary of {vocab_size}")
+    if not ids:
+        raise ValueError("empty prompt")
+    return ids
+
+
+class Scheduled(NamedTuple):
+    """One sequence's share of a step: its next n_tokens tokens (from seq.n_computed on) and
+    the cache slots reserved for them (None without a cache)."""
+    seq: Sequence
+    n_tokens: int
+    slots: list | None
+
 
 # ------------------------------------------------------------------------------------------
 # sampling
 
-def sampling_probs(logits, p: SamplingParams) -> torch.Tensor:
-    """The distribution `sample` draws from (temperature > 0): softmax(logits / temperature)
-    over the tokens that top-k and top-p keep. fp32 logits (..., V) -> probabilities (..., V),
-    row by row (speculative decoding needs the whole distribution: its p and q)."""
-    logits = logits / p.temperature
-    if p.top_k:
-        kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        # drop a token if the tokens before it already reach top_p (the top one always stays)
-        drop = (cum - torch.softmax(sorted_logits, -1)) >= p.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    return torch.softmax(logits, -1)
+def next_tokens(logits, seqs) -> list:
+    """Each sequence's next token from its row of logits (B, V): one batched argmax for the
+    greedy rows (one host sync for the whole batch), the request's own draw for the rest."""
+    greedy = logits.argmax(-1).tolist()
+    return [g if s.params.temperature == 0 else s.params.draw(row, s.rng)
+            for s, g, row in zip(seqs, greedy, logits)]
 
 
-def sample(logits, p: SamplingParams, rng) -> int:
-    """One token from fp32 logits (V,). Filters, then draws with the request's own RNG."""
-    if p.temperature == 0:
-        return int(logits.argmax())
-    return int(torch.multinomial(sampling_probs(logits, p), 1, generator=rng))
-
+# ------------------------------------------------------------------------------------------
+# streaming
 
 def stop_holdback(text, stops) -> int:
     """How many trailing characters of text might begin a stop string (held back from the
     stream until it is clear they are not one)."""
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+class Outputs:
+    """Where one generate() call's results go as they become final: each request's text as
+    it streams (on_text(index, piece)), each request as it finishes (on_finish(index,
+    completion)), and its Completion, timed from the start of the call."""
+
+    def __init__(self, seqs, on_text=None, on_finish=None):
+        self.index = {s.id: i for i, s in enumerate(seqs)}
+        self.on_text, self.on_finish = on_text, on_finish
+        self.t0 = time.perf_counter()
+
+    def text(self, seq):
+        if self.on_text:
+            piece = seq.new_text()
+            if piece:
+                self.on_text(self.index[seq.id], piece)
+
+    def finish(self, seq):
+        if self.on_finish:
+            self.on_finish(self.index[seq.id], self.completion(seq))
+
+    def completion(self, seq) -> Completion:
+        t0, t_first = self.t0, seq.t_first or self.t0
+        return Completion(text=seq.text, token_ids=list(seq.out_ids), n_prompt_tokens=seq.n_prompt,
+                          n_cached_tokens=seq.n_cached or 0, ttft_s=t_first - t0,
+                          decode_s=(seq.t_end or t_first) - t_first,
+                          finish_reason=seq.finish_reason or "")
+
+
+# ------------------------------------------------------------------------------------------
+# the scheduler: who computes what this step (no tensors here)
+
+class Scheduler:
+    """The sequences of one generate() call: waiting (not admitted, or preempted) and running
+    (holding cache blocks), oldest first. With cache=None there is no pool: every sequence is
+    recomputed whole at every step (the uncached baseline)."""
+
+    def __init__(self, cache, max_batch_tokens):
+        self.cache, self.max_batch_tokens = cache, max_batch_tokens
+        self.waiting: deque = deque()
+        self.running: list = []
+        self.n_preemptions = 0
+
+    def add(self, seqs):
+        """Queue the sequences; forks (samples 2..n) start only once their prompt is done."""
+        forked = {c.id for s in seqs for c in s.forks}
+        self.waiting.extend(s for s in seqs if s.id not in forked)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list:
+        """The Scheduled sequences of one step, their slots reserved as it goes (so two
+        sequences can never be promised the same free block). Running sequences go first,
+        each computing what it lacks (one token when decoding); when the pool cannot give one
+        its next block, the most recently admitted sequence is preempted (its blocks freed, to
+        be recomputed later). Then waiting sequences are admitted, oldest first, while the
+        token budget and the free blocks allow; a long prompt takes what is left of the budget
+        and continues next step (chunked prefill)."""
+        if self.cache is None:
+            self.running += self.waiting
+            self.waiting.clear()
+            return [Scheduled(s, len(s.tokens), None) for s in self.running]
+        batch, budget = [], self.max_batch_tokens
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below, for an older sequence
+                continue
+            n = min(len(seq.tokens) - seq.n_computed, budget)
+            while n and not self.cache.can_append(seq.id, n):
+                # the newest sequence has not been scheduled yet this step (oldest go first)
+                self.preempt(self.running[-1])
+                if seq not in self.running:
+                    break
+            if seq in self.running and n:
+                batch.append(self.reserve(seq, n))
+                budget -= n
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            # map the prompt's leading blocks already in the pool: only the rest is prefilled
+            seq.n_computed = self.cache.share_prefix(seq.id, seq.tokens)
+            n = min(len(seq.tokens) - seq.n_computed, budget)
+            if not self.cache.can_append(seq.id, n) or self.cache.copies_unwritten(seq.id):
+                self.cache.free(seq.id)  # give the mapped blocks back; try again next step
+                seq.n_computed = 0
+                break
+            if seq.n_cached is None:
+                seq.n_cached = seq.n_computed
+            self.running.append(self.waiting.popleft())
+            batch.append(self.reserve(seq, n))
+            budget -= n
+        return batch
+
+    def reserve(self, seq, n) -> Scheduled:
+        """seq's next n tokens with their cache slots (the coming forward pass computes them)."""
+        return Scheduled(seq, n, self.cache.append(seq.id, seq.tokens[seq.n_computed:
+                                                                       seq.n_computed + n]))
+
+    def rollback(self, seq, n):
+        """Forget seq's last n computed tokens (rejected drafts): the cache drops their K/V (a
+        block only they used goes back to the pool) and seq will compute them again."""
+        self.cache.truncate(seq.id, n)
+        seq.n_computed -= n
+
+    def preempt(self, seq):
+        self.n_preemptions += 1
+        self.cache.free(seq.id)
+        seq.n_computed = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def start_forks(self, parent) -> list:
+        """Start parent's forks from its finished prompt: each shares every block (no copy
+        until one writes into a shared block) and runs right after it."""
+        children, parent.forks = parent.forks, []
+        at = self.running.index(parent) + 1
+        for child in children:
+            if self.cache is not None:
+                self.cache.fork(parent.id, child.id)
+            child.n_computed, child.n_cached = parent.n_computed, parent.n_cached
+        self.running[at:at] = children
+        return children
+
+    def finish(self, seq):
+        self.running.remove(seq)
+        if self.cache is not None:
+            self.cache.free(seq.id)
+
+    def abort(self, seqs):
+        """After a failed step: every block back (the pool stays consistent), and the blocks
+        the failed pass was to write forgotten (they hold nothing)."""
+        self.waiting.clear()
+        self.running.clear()
+        if self.cache is not None:
+            for s in seqs:
+                self.cache.free(s.id)
+            self.cache.abort_step()
+
+    def check_invariants(self):
+        """At a step boundary: the cache holds exactly the computed tokens of every running
+        sequence, and nothing of a waiting one."""
+        if self.cache is None:
+            return
+        for s in self.running:
+            assert self.cache.seq_len(s.id) == s.n_computed, \
+                f"sequence {s.id}: {self.cache.seq_len(s.id)} tokens cached, {s.n_computed} computed"
+        for s in self.waiting:
+            assert s.id not in self.cache.block_tables, f"waiting sequence {s.id} holds blocks"
+
+
+# ------------------------------------------------------------------------------------------
+# the runner: one forward pass over a packed ragged batch
+
+def run_batch(model, cache, batch, all_logits=False) -> torch.Tensor:
+    """Pack the Scheduled (sequence, n_tokens, slots) into one ragged batch (no padding) and
+    run the model over the paged cache: (B, V) logits of each sequence's last computed token,
+    or (T, V) logits of every computed token if all_logits (speculative verification)."""
+    tokens, positions, slots, ctx, starts = [], [], [], [], [0]
+    for seq, n, seq_slots in batch:
+        lo = seq.n_computed
+        tokens += seq.tokens[lo:lo + n]
+        positions += range(lo, lo + n)
+        slots += seq_slots
+        ctx.append(lo + n)
+        starts.append(starts[-1] + n)
+    dev = cache.kv.device
+    meta = kernels.AttnMeta.paged(slots, cache.block_table_tensor([s.id for s, _, _ in batch]),
+                                  ctx, starts, cache.pool_shape, dev)
+    logits = model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), meta,
+                   cache.layers, all_logits)
+    cache.mark_written()
+    for seq, n, _ in batch:
+        seq.n_computed += n
+    return logits
+
+
+def run_dense(model, seqs) -> torch.Tensor:
+    """All tokens of every sequence, no cache: attention over this call's tokens only (the
+    uncached baseline). (B, V) logits of each sequence's last token."""
+    dev = next(model.parameters()).device
+    starts = [0]
+    for s in seqs:
+        starts.append(starts[-1] + len(s.tokens))
+    tokens = torch.tensor([t for s in seqs for t in s.tokens], device=dev)
+    positions = torch.tensor([i for s in seqs for i in range(len(s.tokens))], device=dev)
+    logits = model(tokens, positions, kernels.AttnMeta.dense(starts, dev), None)
+    for s in seqs:
+        s.n_computed = len(s.tokens)
+    return logits
+
 
 
 # ------------------------------------------------------------------------------------------
@@ -143,7 +408,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_dtype(dtype, device) -> torch.dtype:
+def resolve_dtype(dtype) -> torch.dtype:
     """None means the fastest dtype that keeps quality: bf16 (on this kind of CPU, bf16 weights
     run decode's matrix-vector products about 2.5x faster than fp32; GPUs have bf16 units)."""
     if dtype is None or dtype == "auto":
@@ -157,19 +422,6 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_kv_dtype(kv_dtype, dtype, device) -> torch.dtype:
-    """The KV pool's storage: the model's dtype (None, "auto"), or int8 / fp8, quantized."""
-    if kv_dtype in (None, "auto") or kv_dtype == dtype:
-        return dtype
-    if kv_dtype not in cache_mod.QUANTIZED_DTYPES:
-        raise ValueError(f"unsupported kv_dtype {kv_dtype!r} (auto, int8 or fp8)")
-    if kv_dtype == "fp8" and device.type == "cuda" and \
-            torch.cuda.get_device_capability(device) < (8, 9):
-        raise ValueError("kv_dtype fp8 needs a GPU of compute capability 8.9 or newer "
-                         "(Ada, Hopper); use int8")
-    return cache_mod.QUANTIZED_DTYPES[kv_dtype]
-
-
 class LLM:
     """A model, its tokenizer and one paged KV cache.
 
@@ -177,64 +429,35 @@ class LLM:
     kv_dtype: None stores the cache in the model's dtype; "int8" or "fp8" (e4m3, GPUs of
     compute capability 8.9 and up, or the CPU reference) quantize it, one scale per vector.
     n_blocks: KV pool size in blocks of block_size tokens; None sizes it from kv_budget: bytes,
-    a size string like "2GiB", or a float in (0, 1], the fraction of free device memory
-    (capped at 64 full contexts). max_batch_tokens bounds the tokens computed in one step."""
+    a size string like "2GiB", or a float in (0, 1], the fraction of free device memory (see
+    KVCache.from_budget). max_batch_tokens bounds the tokens computed in one step."""
 
     def __init__(self, model=None, device="cpu", dtype=None, block_size=16, n_blocks=None,
                  kv_budget="256MiB", max_batch_tokens=2048, kv_dtype=None):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda requested but no CUDA device is available")
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype)
         if block_size < 1 or (n_blocks is not None and n_blocks < 1) or max_batch_tokens < 1:
             raise ValueError("block_size, n_blocks and max_batch_tokens must be >= 1")
-        self.kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype, self.device)
-        kv_budget = cache_mod.parse_budget(kv_budget, self.device)  # bad input fails early
+        kv_dtype = cache_mod.kv_storage_dtype(kv_dtype, self.dtype, self.device)
+        cache_mod.parse_budget(kv_budget, self.device)  # bad input fails before the load
         self.model_path = str(model if model is not None else model_mod.default_model_path())
         self.model, self.tokenizer = model_mod.load(self.model_path, self.dtype, self.device)
         cfg = self.cfg = self.model.cfg
-        if n_blocks is None:
-            n_blocks = cache_mod.blocks_for_budget(kv_budget, block_size, cfg.n_layer,
-                                                   cfg.n_kv_head, cfg.head_dim, self.kv_dtype)
-            n_blocks = max(1, min(n_blocks, 64 * math.ceil(cfg.max_seq_len / block_size)))
-        self.cache = cache_mod.KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, n_blocks,
-                                       block_size, self.kv_dtype, self.device)
+        shape = (cfg.n_layer, cfg.n_kv_head, cfg.head_dim)
+        self.cache = cache_mod.KVCache(*shape, n_blocks, block_size, kv_dtype, self.device) \
+            if n_blocks else cache_mod.KVCache.from_budget(kv_budget, block_size, *shape,
+                                                           cfg.max_seq_len, kv_dtype, self.device)
         self.max_batch_tokens = max_batch_tokens
         self.peak_blocks = 0  # most blocks in use during the last generate() call
         self.n_preemptions = 0  # sequences preempted (and later recomputed), ever
-        self.drafts = {}  # speculative proposers by name ("draft:PATH" loads a model once)
-        self.spec_stats = None  # speculative.SpecStats of the last generate(), if it speculated
         self._next_id = 0
 
     # -- requests -----------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt) -> list:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("empty prompt")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise ValueError(f"token id {bad[0]} outside the vocabulary of {self.cfg.vocab_size}")
-        if not ids:
-            raise ValueError("empty prompt")
-        return ids
-
-    def check_fits(self, n_prompt, params):
-        n_total = n_prompt + params.max_new_tokens
-        if n_total > self.cfg.max_seq_len:
-            raise ValueError(f"prompt ({n_prompt} tokens) plus max_new_tokens "
-                             f"({params.max_new_tokens}) is {n_total} tokens, beyond the "
-                             f"model's context of {self.cfg.max_seq_len}")
-        c = self.cache
-        if c.blocks_needed(n_total) > c.n_blocks:
-            raise ValueError(f"the KV cache ({c.n_blocks} blocks of {c.block_size} tokens = "
-                             f"{c.capacity_tokens} tokens) is too small for one request of "
-                             f"{n_total} tokens; give it more blocks")
-
-    def make_sequences(self, prompts, params):
+    def make_sequences(self, prompts, params=None) -> list:
+        """One Sequence per sample of every prompt, each validated before any runs."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             raise ValueError("prompts must be a list of strings or a list of token-id lists")
         if not prompts:
@@ -244,251 +467,120 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         seqs = []
-        for prompt, p in zip(prompts, params):  # validate every request before running any
-            ids = self.encode_prompt(prompt)
-            self.check_fits(len(ids), p)
+        for prompt, p in zip(prompts, params):
+            ids = encode_prompt(self.tokenizer, self.cfg.vocab_size, prompt)
+            n_total = len(ids) + p.max_new_tokens
+            if n_total > self.cfg.max_seq_len:
+                raise ValueError(f"prompt ({len(ids)} tokens) plus max_new_tokens "
+                                 f"({p.max_new_tokens}) is {n_total} tokens, beyond the "
+                                 f"model's context of {self.cfg.max_seq_len}")
+            self.cache.check_fits(n_total)
             seed = p.seed if p.seed is not None else random.randrange(2 ** 62)
-            samples = []
-            for i in range(p.n):  # sample i draws from its own RNG, seeded seed + i
-                samples.append(Sequence(self._next_id, list(ids), len(ids), p,
-                                        torch.Generator().manual_seed(seed + i),
-                                        self.tokenizer.stream()))
-                self._next_id += 1
+            samples = [Sequence(self._next_id + i, list(ids), len(ids), p,
+                                torch.Generator().manual_seed(seed + i),  # sample i: seed + i
+                                self.tokenizer.stream(), frozenset(self.tokenizer.eos_ids))
+                       for i in range(p.n)]
+            self._next_id += p.n
             samples[0].forks = samples[1:]
             seqs += samples
         return seqs
 
-    # -- one step -----------------------------------------------------------------------------
-
-    def schedule(self, running: list, waiting: deque):
-        """Pick the (sequence, n_tokens, slots) of one step, reserving the slots as it goes (so
-        two sequences can never be promised the same free block). Running sequences go first,
-        each computing what it lacks (one token when decoding); when the pool cannot give one
-        its next block, the most recently admitted sequence is preempted (its blocks freed, to
-        be recomputed later). Then waiting sequences are admitted, oldest first, while the
-        token budget and the free blocks allow; a long prompt takes what is left of the budget
-        and continues next step (chunked prefill)."""
-        batch, budget = [], self.max_batch_tokens
-        for seq in list(running):
-            if seq not in running:  # preempted below, for an older sequence
-                continue
-            n = min(len(seq.tokens) - seq.n_computed, budget)
-            while n and not self.cache.can_append(seq.id, n):
-                # the newest sequence has not been scheduled yet this step (we go oldest first)
-                self.preempt(running[-1], running, waiting)
-                if seq not in running:
-                    break
-            if seq in running and n:
-                batch.append((seq, n, self.reserve(seq, n)))
-                budget -= n
-        while waiting and budget > 0:
-            seq = waiting[0]
-            # map the prompt's leading blocks already in the pool: only the rest is prefilled
-            seq.n_computed = self.cache.share_prefix(seq.id, seq.tokens)
-            n = min(len(seq.tokens) - seq.n_computed, budget)
-            if not self.cache.can_append(seq.id, n) or self.copies_unwritten(seq, batch):
-                self.cache.free(seq.id)  # give the mapped blocks back; try again next step
-                seq.n_computed = 0
-                break
-            if seq.n_cached is None:
-                seq.n_cached = seq.n_computed
-            running.append(waiting.popleft())
-            batch.append((seq, n, self.reserve(seq, n)))
-            budget -= n
-        return batch
-
-    def copies_unwritten(self, seq, batch) -> bool:
-        """Whether seq's first write would copy (copy-on-write) a shared block that this step's
-        batch writes into: a block is hashed when its slots are reserved, but its contents
-        exist only after the forward pass, so a copy taken now would copy nothing."""
-        table, p = self.cache.block_table(seq.id), self.cache.block_size
-        i = seq.n_computed // p
-        if i >= len(table) or self.cache.ref_counts[table[i]] < 2:
-            return False
-        return any(slot // p == table[i] for _, _, slots in batch for slot in slots)
-
-    def reserve(self, seq, n):
-        """Slots for seq's next n tokens (which the coming forward pass computes)."""
-        return self.cache.append(seq.id, seq.tokens[seq.n_computed:seq.n_computed + n])
-
-    def preempt(self, seq, running, waiting):
-        self.n_preemptions += 1
-        self.cache.free(seq.id)
-        seq.n_computed = 0
-        running.remove(seq)
-        waiting.appendleft(seq)
-
-    def run_batch(self, batch, all_logits=False):
-        """Pack the scheduled (sequence, n_tokens, slots) into one ragged batch and run the
-        model: (B, V) logits of each sequence's last computed token, or (T, V) logits of every
-        computed token if all_logits (speculative verification)."""
-        tokens, positions, slots, ctx, starts = [], [], [], [], [0]
-        for seq, n, seq_slots in batch:
-            lo = seq.n_computed
-            tokens += seq.tokens[lo:lo + n]
-            positions += range(lo, lo + n)
-            slots += seq_slots
-            ctx.append(lo + n)
-            starts.append(starts[-1] + n)
-        dev = self.device
-        meta = kernels.AttnMeta(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=self.cache.block_table_tensor([s.id for s, _, _ in batch], dev),
-            context_lens=torch.tensor(ctx, dtype=torch.int64, device=dev),
-            query_start=torch.tensor(starts, dtype=torch.int64, device=dev),
-            context_lens_host=tuple(ctx), query_start_host=tuple(starts),
-            block_size=self.cache.block_size)
-        self.peak_blocks = max(self.peak_blocks, self.cache.n_used_blocks)
-        logits = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
-                            meta, self.cache.layers, all_logits)
-        for seq, n, _ in batch:
-            seq.n_computed += n
-        return logits
-
-    def accept(self, seq, logits_row, greedy_token, now, on_text):
-        """Sample seq's next token (greedy ones come precomputed for the whole batch) and
-        take it."""
-        p = seq.params
-        self.take(seq, greedy_token if p.temperature == 0 else sample(logits_row, p, seq.rng),
-                  now, on_text)
-
-    def take(self, seq, tok, now, on_text):
-        """Append the chosen token to seq, update its text, stream what is safe to show, and
-        decide whether it is finished (speculative decoding takes several tokens a step)."""
-        p = seq.params
-        if seq.t_first is None:
-            seq.t_first = now
-        if tok in self.tokenizer.eos_ids and not p.ignore_eos:
-            seq.finish_reason = "stop"
-        else:
-            seq.tokens.append(tok)
-            seq.text += seq.detok.feed(tok)
-            hit = [seq.text.find(s) for s in p.stop if s in seq.text]
-            if hit:
-                seq.text, seq.finish_reason = seq.text[:min(hit)], "stop"
-            elif len(seq.tokens) - seq.n_prompt >= p.max_new_tokens:
-                seq.finish_reason = "length"
-        if seq.finish_reason:
-            if seq.finish_reason == "length" and not p.stop:
-                seq.text += seq.detok.flush()
-            seq.t_end = time.perf_counter()
-        if on_text:
-            end = len(seq.text) if seq.finish_reason else \
-                len(seq.text) - stop_holdback(seq.text, p.stop)
-            if end > seq.n_emitted:
-                on_text(seq, seq.text[seq.n_emitted:end])
-                seq.n_emitted = end
-
     # -- generate -----------------------------------------------------------------------------
 
     def generate(self, prompts, params=None, use_cache=True, on_text=None, on_finish=None,
-                 speculative=None, spec_k=4):
-        """Complete every prompt; returns one Completion per prompt, in order.
+                 speculator=None, speculative=None, spec_k=4):
+        """Complete every prompt; returns one Completion per prompt sample, in order.
         params: one SamplingParams for all, or a list with one per prompt.
         use_cache=False recomputes every sequence in full at every step (the uncached
         baseline: same output, slower). on_text(index, piece) streams text as it is final;
         on_finish(index, completion) fires as each request completes.
-        speculative="ngram" or "draft:PATH" decodes speculatively (speculative.py): a proposer
-        drafts up to spec_k tokens per sequence and one forward pass verifies them; the output
-        distribution is unchanged. Its counters are left in self.spec_stats."""
-        proposer = stats = None
+        speculator: a speculative.Speculator (its counters are in speculator.stats after the
+        call); speculative="ngram" or "draft:PATH" with spec_k builds one for this call."""
         if speculative is not None:
-            import speculative as spec_mod  # not at the top: speculative.py imports this file
-            proposer = spec_mod.get_proposer(self, speculative, spec_k, use_cache)
-            stats = spec_mod.SpecStats(speculative, spec_k)
-        self.spec_stats = stats
+            speculator = spec_mod.Speculator(speculative, spec_k)
         seqs = self.make_sequences(prompts, params)
-        index = {s.id: i for i, s in enumerate(seqs)}
-        emit = (lambda s, piece: on_text(index[s.id], piece)) if on_text else None
-        t0 = time.perf_counter()
-        self.peak_blocks = 0
-        forked = {c.id for s in seqs for c in s.forks}  # they start when their prompt is done
-        waiting, running = deque(s for s in seqs if s.id not in forked), []
-
-        def finish(s):
-            running.remove(s)
-            self.cache.free(s.id)
-            if proposer is not None:
-                proposer.forget(s.id)
-            if on_finish:
-                on_finish(index[s.id], self.completion(s, t0))
+        if speculator is not None:
+            speculator.start(self, use_cache)
+        sched = Scheduler(self.cache if use_cache else None, self.max_batch_tokens)
+        sched.add(seqs)
+        out, self.peak_blocks = Outputs(seqs, on_text, on_finish), 0
         try:
-            while waiting or running:
-                # once every prompt is in and prefilled, steps verify drafts instead
-                if (proposer is not None and not waiting
-                        and spec_mod.step(self, proposer, spec_k, running, stats, emit, finish)):
-                    continue
-                if use_cache:
-                    batch = self.schedule(running, waiting)
-                    logits = self.run_batch(batch)
-                else:
-                    running += waiting
-                    waiting.clear()
-                    batch = [(s, len(s.tokens), None) for s in running]
-                    logits = self.run_uncached(running)
-                ready = [(i, s) for i, (s, _, _) in enumerate(batch)
-                         if s.n_computed == len(s.tokens)]
-                rows = [i for i, _ in ready]
-                greedy = logits[rows].argmax(-1).tolist()  # one host sync for the whole batch
-                now = time.perf_counter()
-                for (i, seq), g in zip(ready, greedy):
-                    for child in seq.forks:  # samples 2..n share the prompt's blocks
-                        self.fork(seq, child, running, use_cache)
-                    for s in [seq] + seq.forks:
-                        self.accept(s, logits[i], g, now, emit)
-                        if stats:
-                            stats.count_plain(1)
-                        if s.finish_reason:
-                            finish(s)
-                    seq.forks = []
+            while sched.has_work():
+                self.step(sched, out, speculator)
         except BaseException:
-            # on any failure give every block back, so the pool stays consistent (on success
-            # each sequence already freed its own as it finished); this step's blocks may be
-            # hashed but never written: do not let them be reused
-            for s in seqs:
-                self.cache.free(s.id)
-            self.cache.forget_cached()
-            if proposer is not None:
-                proposer.close(failed=True)
+            sched.abort(seqs)
+            if speculator is not None:
+                speculator.stop(failed=True)
             raise
-        if proposer is not None:
-            proposer.close()
-        return [self.completion(s, t0) for s in seqs]
+        finally:
+            self.n_preemptions += sched.n_preemptions
+        if speculator is not None:
+            speculator.stop()
+        return [out.completion(s) for s in seqs]
 
-    def fork(self, parent, child, running, use_cache):
-        """Start sample `child` from `parent`'s finished prompt: it shares every block."""
-        if use_cache:
-            self.cache.fork(parent.id, child.id)
-        child.n_computed, child.n_cached = parent.n_computed, parent.n_cached
-        running.insert(running.index(parent) + 1, child)
+    def step(self, sched, out, speculator=None):
+        """One engine step: schedule, run, postprocess. Once every sequence decodes, a
+        speculator may take the step instead (draft, verify in one pass, accept)."""
+        if speculator is not None and speculator.step(self, sched, out):
+            return
+        batch = sched.schedule()
+        logits = self.run(batch) if sched.cache is not None else \
+            run_dense(self.model, [b.seq for b in batch])
+        taken = self.postprocess(sched, out, batch, logits)
+        if speculator is not None:
+            speculator.count_plain(taken)
 
-    def run_uncached(self, seqs):
-        """All tokens of every sequence, no cache: attention over this call's tokens only."""
-        starts = [0]
-        for s in seqs:
-            starts.append(starts[-1] + len(s.tokens))
-        meta = kernels.AttnMeta(None, None, None, torch.tensor(starts, device=self.device),
-                                (), tuple(starts))
-        tokens = torch.tensor([t for s in seqs for t in s.tokens], device=self.device)
-        positions = torch.tensor([i for s in seqs for i in range(len(s.tokens))],
-                                 device=self.device)
-        logits = self.model(tokens, positions, meta, None)
-        for s in seqs:
-            s.n_computed = len(s.tokens)
-        return logits
+    def run(self, batch, all_logits=False) -> torch.Tensor:
+        """run_batch over this engine's model and cache."""
+        self.peak_blocks = max(self.peak_blocks, self.cache.n_used_blocks)
+        return run_batch(self.model, self.cache, batch, all_logits)
 
-    @staticmethod
-    def completion(seq, t0):
-        return Completion(text=seq.text, token_ids=list(seq.out_ids), n_prompt_tokens=seq.n_prompt,
-                          n_cached_tokens=seq.n_cached or 0, ttft_s=(seq.t_first or t0) - t0,
-                          decode_s=(seq.t_end or seq.t_first or t0) - (seq.t_first or t0),
-                          finish_reason=seq.finish_reason or "")
+    def postprocess(self, sched, out, batch, logits) -> list:
+        """Every sequence whose tokens are all computed takes its next token (its forks start
+        now, sampling from the same logits). Returns the sequences that took one."""
+        rows, seqs = [], []
+        for i, (seq, _, _) in enumerate(batch):
+            if seq.n_computed == len(seq.tokens):
+                for s in [seq] + sched.start_forks(seq):
+                    rows.append(i)
+                    seqs.append(s)
+        now = time.perf_counter()
+        for seq, tok in zip(seqs, next_tokens(logits[rows], seqs)):
+            self.take(sched, out, seq, tok, now)
+        return seqs
+
+    def take(self, sched, out, seq, tok, now) -> bool:
+        """Append tok to seq, stream what became final, retire seq if it finished."""
+        finished = seq.append_token(tok, now)
+        out.text(seq)
+        if finished:
+            sched.finish(seq)
+            out.finish(seq)
+        return finished
+
+    def score(self, ids, chunk=256) -> torch.Tensor:
+        """Teacher-forced (len(ids), V) logits of every position of ids, prefilled through
+        the paged cache chunk by chunk: every position attends over K/V read back from the
+        (maybe quantized) pool, as in generation (no prefix is mapped from the pool)."""
+        [seq] = self.make_sequences([ids[:-1]], SamplingParams(max_new_tokens=1))
+        seq.tokens = list(ids)
+        sched, out = Scheduler(self.cache, chunk), []
+        try:
+            while seq.n_computed < len(ids):
+                batch = [sched.reserve(seq, min(chunk, len(ids) - seq.n_computed))]
+                out.append(self.run(batch, all_logits=True))
+        except BaseException:
+            self.cache.abort_step()
+            raise
+        finally:
+            self.cache.free(seq.id)
+        return torch.cat(out)
 
 
 # ------------------------------------------------------------------------------------------
 # CLI
 
-def summary_line(llm, outs, wall_s) -> str:
+def summary_line(llm, outs, wall_s, speculator=None) -> str:
     n_prompt = sum(o.n_prompt_tokens for o in outs)
     n_gen = sum(len(o.token_ids) for o in outs)
     ttft = max(o.ttft_s for o in outs)
@@ -499,7 +591,7 @@ def summary_line(llm, outs, wall_s) -> str:
             f"cached {sum(o.n_cached_tokens for o in outs)} | TTFT {ttft * 1e3:.0f} ms | "
             f"decode {rate:.1f} tokens/s ({n_gen} generated) | KV cache {kv / 2**20:.2f} MiB in "
             f"use ({llm.peak_blocks}/{llm.cache.n_blocks} blocks) | "
-            + (f"{llm.spec_stats.summary()} | " if llm.spec_stats else "") + f"{wall_s:.2f} s]")
+            + (f"{speculator.stats.summary()} | " if speculator else "") + f"{wall_s:.2f} s]")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -559,7 +651,7 @@ def read_prompts(path) -> list:
     return prompts
 
 
-def run_chat(llm, params, spec):
+def run_chat(llm, params, speculator):
     """An interactive conversation. Each turn's prompt is the previous prompt's token ids, the
     reply's ids and the new message: an exact extension, so the pool (which keeps freed
     blocks) serves everything but the new tail, and the summary line shows it as cached."""
@@ -580,9 +672,9 @@ def run_chat(llm, params, spec):
             prompt = llm.tokenizer.encode(text)
         t0 = time.perf_counter()
         [out] = llm.generate([prompt], params, on_text=lambda i, s: print(s, end="", flush=True),
-                             **spec)
+                             speculator=speculator)
         print()
-        print(summary_line(llm, [out], time.perf_counter() - t0), file=sys.stderr)
+        print(summary_line(llm, [out], time.perf_counter() - t0, speculator), file=sys.stderr)
         messages.append({"role": "assistant", "content": out.text})
         history_ids, history_text = prompt + out.token_ids, text + out.text
 
@@ -603,18 +695,20 @@ def main(argv=None):
         if args.prompt is not None and not args.prompt.strip():
             raise ValueError("empty prompt")
         prompts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt]
-        if args.speculative is not None and (args.spec_k < 1 or args.no_cache):
-            raise ValueError("--speculative needs --spec-k >= 1 and the cache (no --no-cache)")
+        speculator = None
+        if args.speculative is not None:
+            if args.spec_k < 1 or args.no_cache:
+                raise ValueError("--speculative needs --spec-k >= 1 and the cache (no --no-cache)")
+            speculator = spec_mod.Speculator(args.speculative, args.spec_k)
         llm = LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                   n_blocks=args.n_blocks, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype)
-        spec = dict(speculative=args.speculative, spec_k=args.spec_k)
         if args.chat:
-            return run_chat(llm, params, spec)
+            return run_chat(llm, params, speculator)
         use_cache = not args.no_cache
         t0 = time.perf_counter()
         if len(prompts) == 1:
-            outs = llm.generate(prompts, params, use_cache,
-                                on_text=lambda i, s: print(s, end="", flush=True), **spec)
+            outs = llm.generate(prompts, params, use_cache, speculator=speculator,
+                                on_text=lambda i, s: print(s, end="", flush=True))
             print()
         else:
             done = []
@@ -623,11 +717,12 @@ def main(argv=None):
                 done.append(i)
                 print("\r" + progress_bar(len(done), len(prompts)), end="", file=sys.stderr,
                       flush=True)
-            outs = llm.generate(prompts, params, use_cache, on_finish=progress, **spec)
+            outs = llm.generate(prompts, params, use_cache, on_finish=progress,
+                                speculator=speculator)
             print(file=sys.stderr)
             for i, o in enumerate(outs):
                 print(f"### {i}: {prompts[i]}\n{o.text}\n")
-        print(summary_line(llm, outs, time.perf_counter() - t0), file=sys.stderr)
+        print(summary_line(llm, outs, time.perf_counter() - t0, speculator), file=sys.stderr)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

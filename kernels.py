@@ -81,7 +81,32 @@ class AttnMeta:
     # host copies, so that the reference path can slice without syncing a device
     context_lens_host: tuple = ()
     query_start_host: tuple = ()
-    block_size: int = 0  # P of the pool the block tables index
+    # the geometry of the pool the block tables index: K heads, N blocks of P slots
+    n_kv_head: int = 0
+    n_blocks: int = 0
+    block_size: int = 0
+
+    @classmethod
+    def paged(cls, slots, block_tables, context_lens, query_start, pool_shape, device=None):
+        """A batch over a paged pool of pool_shape (K, N, P), from host lists: slots (T,),
+        context_lens (B,), query_start (B+1,); block_tables a (B, max_blocks) tensor."""
+        n_kv, n_blocks, block_size = pool_shape
+        return cls(torch.tensor(slots, dtype=torch.int64, device=device),
+                   block_tables.to(device),
+                   torch.tensor(context_lens, dtype=torch.int64, device=device),
+                   torch.tensor(query_start, dtype=torch.int64, device=device),
+                   tuple(context_lens), tuple(query_start), n_kv, n_blocks, block_size)
+
+    @classmethod
+    def dense(cls, query_start, device=None):
+        """The uncached path: sequences packed at query_start (B+1 host ints), no pool."""
+        return cls(None, None, None, torch.tensor(query_start, dtype=torch.int64, device=device),
+                   (), tuple(query_start))
+
+    @classmethod
+    def for_store(cls, slot_mapping, block_size):
+        """Only what store_kv reads: the slot (T,) of every token, in blocks of block_size."""
+        return cls(slot_mapping, None, None, None, block_size=block_size)
 
     @property
     def is_decode(self) -> bool:
@@ -109,17 +134,11 @@ class AttnMeta:
         return blocks, valid
 
     @cached_property
-    def _head_block_rows(self) -> dict:
-        return {}
-
-    def head_block_rows(self, n_kv, n_blocks) -> torch.Tensor:
+    def head_block_rows(self) -> torch.Tensor:
         """(K * B * n_used,) rows of a layer's cache viewed as (K N, P, D) that hold each
         head's copy of every block of decode_gather, in (head, sequence, block) order. The
         same for every layer, so built once per step."""
-        memo = self._head_block_rows
-        if (n_kv, n_blocks) not in memo:
-            memo[n_kv, n_blocks] = head_rows(self.decode_gather[0], n_kv, n_blocks)
-        return memo[n_kv, n_blocks]
+        return head_rows(self.decode_gather[0], self.n_kv_head, self.n_blocks)
 
     @cached_property
     def decode_subset(self):
@@ -134,7 +153,8 @@ class AttnMeta:
         ctx = tuple(self.context_lens_host[b] for b in seqs)
         sub = AttnMeta(self.slot_mapping[rows], self.block_tables[idx], self.context_lens[idx],
                        torch.arange(len(seqs) + 1, device=rows.device), ctx,
-                       tuple(range(len(seqs) + 1)), self.block_size)
+                       tuple(range(len(seqs) + 1)), self.n_kv_head, self.n_blocks,
+                       self.block_size)
         return rows, sub
 
     @cached_property
@@ -521,8 +541,10 @@ def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=N
     blocks, valid = meta.decode_gather                                   # (B, n_used), (B, S)
     n_ctx = blocks.shape[1] * block_size
     n_blocks = k_cache.shape[1]
+    assert (meta.n_kv_head, meta.n_blocks, meta.block_size) == (n_kv, n_blocks, block_size), \
+        "the metadata describes another pool"
     # every head's copy of every block, as rows of the (K N, P, D) view: a dim-0 gather
-    rows_kn = meta.head_block_rows(n_kv, n_blocks)
+    rows_kn = meta.head_block_rows
     k, v = (gather_blocks(c, s, rows_kn, q.dtype).view(n_kv, n_seq, n_ctx, d)  # (K, B, S, D)
             for c, s in zip((k_cache, v_cache), kv_scales or (None, None)))
     rows = q.view(n_seq, n_kv, n_head // n_kv, d).transpose(0, 1)        # (K, B, G, D)
@@ -650,7 +672,22 @@ def decode_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None)
 
 
 # ------------------------------------------------------------------------------------------
-# attention without any cache: the uncached baseline (and the dense oracle of the tests)
+# attention without any cache: the uncached baseline, and the specification of them all
+
+def attention_spec(q, k, v):
+    """What every attention path here computes, written out as plainly as possible (the tests'
+    oracle): softmax(Q K^T / sqrt(D) + causal mask) V over K/V repeated for each query head
+    of their group, for the last Tq of S positions. q (Tq, H, D), k/v (S, K, D) -> (Tq, H, D)."""
+    n_q, n_head, d = q.shape
+    n_ctx, n_kv, _ = k.shape
+    g = n_head // n_kv
+    kr = k.repeat_interleave(g, dim=1).transpose(0, 1)           # (H, S, D)
+    vr = v.repeat_interleave(g, dim=1).transpose(0, 1)           # (H, S, D)
+    scores = q.transpose(0, 1) @ kr.transpose(1, 2) / d ** 0.5   # (H, Tq, S)
+    allowed = torch.ones(n_q, n_ctx, dtype=torch.bool).tril(diagonal=n_ctx - n_q)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ vr).transpose(0, 1)             # (Tq, H, D)
+
 
 def dense_causal_attention(q, k, v, query_start, scale):
     """Ragged causal attention of every packed sequence over its own new tokens only.

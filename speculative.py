@@ -6,7 +6,12 @@ tokens), in fewer target forward passes when the drafts are good.
 
     python generate.py --speculative ngram --spec-k 4 "..."
     python generate.py --speculative draft:path/to/small_model "..."
-    llm.generate(prompts, params, speculative="ngram", spec_k=4)     # llm.spec_stats after
+    spec = Speculator("ngram", k=4)
+    llm.generate(prompts, params, speculator=spec)                    # spec.stats after
+
+This file does not import generate.py (which imports it): what a step needs of the engine, the
+engine (LLM), its scheduler and its outputs, arrive as arguments of Speculator.step, and the
+sampling rule is a method of each request's SamplingParams.
 
 Proposers:
   - prompt lookup ("ngram"): no model; find the latest earlier occurrence of the context's last
@@ -35,8 +40,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-
-from generate import LLM, sampling_probs
 
 # ------------------------------------------------------------------------------------------
 # proposers: propose(seqs, ks) -> (drafts, qs). drafts[i] holds at most ks[i] tokens for
@@ -99,8 +102,9 @@ class DraftModel:
     target's p (greedy: the draft's argmax)."""
 
     def __init__(self, target, path):
-        self.llm = LLM(path, device=target.device, dtype=target.dtype,
-                       block_size=target.cache.block_size)
+        # an engine of the target's own class (this file does not import generate.py)
+        self.llm = type(target)(path, device=target.device, dtype=target.dtype,
+                                block_size=target.cache.block_size)
         probe = "The draft, 1234 tokens: the same?"
         if self.llm.cfg.vocab_size != target.cfg.vocab_size or \
                 self.llm.tokenizer.encode(probe) != target.tokenizer.encode(probe):
@@ -141,18 +145,18 @@ class DraftModel:
                 d = twins[i]
                 n = len(d.tokens) - d.n_computed  # catch-up tokens, then one draft token
                 if cache.can_append(d.id, n):  # a full draft pool only shortens the draft
-                    batch.append((d, n, self.llm.reserve(d, n)))
+                    batch.append((d, n, cache.append(d.id, d.tokens[d.n_computed:])))
                     rows.append(i)
             if not batch:
                 break
-            logits = self.llm.run_batch(batch)                        # (B, V) last tokens
+            logits = self.llm.run(batch)                              # (B, V) last tokens
             greedy = logits.argmax(-1).tolist()
             for row, i in enumerate(rows):
                 p = seqs[i].params
                 if p.temperature == 0:
                     x = greedy[row]
                 else:
-                    q = sampling_probs(logits[row], p)
+                    q = p.probs(logits[row])
                     x = int(torch.multinomial(q, 1, generator=seqs[i].rng))
                     qs[i].append(q)
                 drafts[i].append(x)
@@ -165,29 +169,12 @@ class DraftModel:
         self.twins.pop(seq_id, None)
 
     def close(self, failed=False):
-        """Free every twin (after a generate call). After a failure, blocks may be hashed but
-        never written: forget them, as the target's cache does."""
+        """Free every twin (after a generate call). After a failure, the blocks a failed pass
+        was to write hold nothing: forget them, as the target's cache does."""
         for seq_id in list(self.twins):
             self.forget(seq_id)
         if failed:
-            self.llm.cache.forget_cached()
-
-
-def get_proposer(llm, spec, k, use_cache=True):
-    """The proposer named by spec, "ngram" or "draft:PATH", made once per LLM."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"spec_k must be an integer >= 1, got {k!r}")
-    if not use_cache:
-        raise ValueError("speculative decoding verifies drafts through the KV cache: it cannot "
-                         "run uncached")
-    if spec not in llm.drafts:
-        if spec == "ngram":
-            llm.drafts[spec] = NgramProposer()
-        elif isinstance(spec, str) and spec.startswith("draft:") and spec[len("draft:"):]:
-            llm.drafts[spec] = DraftModel(llm, spec[len("draft:"):])
-        else:
-            raise ValueError(f"speculative must be 'ngram' or 'draft:PATH', got {spec!r}")
-    return llm.drafts[spec]
+            self.llm.cache.abort_step()
 
 
 # ------------------------------------------------------------------------------------------
@@ -276,17 +263,15 @@ class SpecStats:
                 f"{self.tokens_per_forward:.2f} tokens per target forward")
 
 
-def draft_budget(llm, seqs, k):
+def draft_budget(cache, seqs, k):
     """Drafts each sequence may verify this step, or None when the pool cannot hold even one
     more token for some sequence (then a plain step preempts). At most k, and at most one less
     than the tokens it may still generate (a step yields up to drafts + 1). Oldest first, each
     takes the largest number whose new blocks still fit beside those of the ones before it
     (a conservative sum: two forks writing into one shared block both count a copy)."""
-    cache = llm.cache
     ks, n_free = [], cache.n_free_blocks
     for s in seqs:
-        n_left = s.params.max_new_tokens - (len(s.tokens) - s.n_prompt)
-        k_s = max(0, min(k, n_left - 1))
+        k_s = max(0, min(k, s.n_left - 1))
         while k_s >= 0 and cache.n_new_blocks(s.id, k_s + 1) > n_free:
             k_s -= 1
         if k_s < 0:
@@ -296,51 +281,84 @@ def draft_budget(llm, seqs, k):
     return ks
 
 
-def step(llm, proposer, k, running, stats, emit, finish) -> bool:
-    """One speculative step of every running sequence, if all are decoding (the last sampled
-    token not yet in the cache) and the pool holds their tokens; else False, nothing changed.
-    finish(seq) retires a finished sequence (as the plain loop does)."""
-    seqs = list(running)
-    if not seqs or any(s.n_computed != len(s.tokens) - 1 for s in seqs):
-        return False
-    ks = draft_budget(llm, seqs, k)
-    if ks is None:
-        return False
-    drafts, qs = proposer.propose(seqs, ks)
-    cache = llm.cache
-    # per sequence: the last sampled token, then its drafts, computed like a prompt's chunk;
-    # the drafts sit in seq.tokens only for this pass, and leave before any is accepted
-    for s, d in zip(seqs, drafts):
-        s.tokens += d
-    try:
-        batch = [(s, 1 + len(d), llm.reserve(s, 1 + len(d))) for s, d in zip(seqs, drafts)]
-        logits = llm.run_batch(batch, all_logits=True)  # (T, V): a sequence's row j is the
-    finally:                                            # target after its context + draft[:j]
-        for s, d in zip(seqs, drafts):
-            del s.tokens[len(s.tokens) - len(d):]
-    greedy = logits.argmax(-1).tolist()  # one host sync for the whole batch
-    stats.n_verify_forwards += 1
-    now = time.perf_counter()
-    start = 0
-    for s, d, q in zip(seqs, drafts, qs):
-        rows = slice(start, start + 1 + len(d))
-        start = rows.stop
-        if s.params.temperature == 0:
-            out = accept_greedy(greedy[rows], d)
-        else:
-            out = accept_draft(sampling_probs(logits[rows], s.params), q, d, s.rng)
-        n_acc = len(out) - 1
-        # roll back: the cache keeps the context, the last token and the accepted drafts; the
-        # K/V of the rejected drafts go (and any block only they used returns to the pool)
-        cache.truncate(s.id, len(d) - n_acc)
-        s.n_computed -= len(d) - n_acc
-        stats.n_proposed += len(d)
-        stats.n_accepted += n_acc
-        stats.n_seq_forwards += 1
-        for tok in out:  # the plain loop's stopping and streaming, token by token
-            llm.take(s, tok, now, emit)
-            stats.n_tokens += 1
+class Speculator:
+    """Speculative decoding for LLM.generate(..., speculator=...). method "ngram" (prompt
+    lookup) or "draft:PATH" (a smaller model with the target's tokenizer) proposes up to k
+    tokens per sequence and step. A draft model is loaded at the first start and kept for
+    later calls; stats holds the counters of the last call."""
+
+    def __init__(self, method="ngram", k=4):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"spec_k must be an integer >= 1, got {k!r}")
+        is_draft = isinstance(method, str) and method.startswith("draft:")
+        if method != "ngram" and not (is_draft and method[len("draft:"):]):
+            raise ValueError(f"speculative must be 'ngram' or 'draft:PATH', got {method!r}")
+        self.method, self.k = method, k
+        self.proposer = None if is_draft else NgramProposer()
+        self.stats = None
+
+    def start(self, llm, use_cache=True):
+        """Ready for one generate() call of llm, the target."""
+        if not use_cache:
+            raise ValueError("speculative decoding verifies drafts through the KV cache: it "
+                             "cannot run uncached")
+        if self.proposer is None:
+            self.proposer = DraftModel(llm, self.method[len("draft:"):])
+        self.stats = SpecStats(self.method, self.k)
+
+    def count_plain(self, seqs):
+        """A plain step (prefill, or a fallback) gave each of seqs one token."""
+        self.stats.count_plain(len(seqs))
+        for s in seqs:
             if s.finish_reason:
-                finish(s)
-                break
-    return True
+                self.proposer.forget(s.id)
+
+    def stop(self, failed=False):
+        """After a generate() call: the proposer lets go of its sequences."""
+        self.proposer.close(failed)
+
+    def step(self, llm, sched, out) -> bool:
+        """One speculative step of every running sequence, if none waits, all are decoding
+        (the last sampled token not yet in the cache) and the pool holds their tokens; else
+        False, nothing changed. llm.take streams and retires, as in a plain step."""
+        seqs = list(sched.running)
+        if sched.waiting or not seqs or any(s.n_computed != len(s.tokens) - 1 for s in seqs):
+            return False
+        ks = draft_budget(sched.cache, seqs, self.k)
+        if ks is None:
+            return False
+        drafts, qs = self.proposer.propose(seqs, ks)
+        # per sequence: the last sampled token, then its drafts, computed like a prompt's
+        # chunk; the drafts sit in seq.tokens only for this pass, and leave before any is
+        # accepted
+        for s, d in zip(seqs, drafts):
+            s.tokens += d
+        try:
+            batch = [sched.reserve(s, 1 + len(d)) for s, d in zip(seqs, drafts)]
+            logits = llm.run(batch, all_logits=True)  # (T, V): a sequence's row j is the
+        finally:                                      # target after its context + draft[:j]
+            for s, d in zip(seqs, drafts):
+                del s.tokens[len(s.tokens) - len(d):]
+        greedy = logits.argmax(-1).tolist()  # one host sync for the whole batch
+        stats, now, start = self.stats, time.perf_counter(), 0
+        stats.n_verify_forwards += 1
+        for s, d, q in zip(seqs, drafts, qs):
+            rows = slice(start, start + 1 + len(d))
+            start = rows.stop
+            if s.params.temperature == 0:
+                kept = accept_greedy(greedy[rows], d)
+            else:
+                kept = accept_draft(s.params.probs(logits[rows]), q, d, s.rng)
+            n_acc = len(kept) - 1
+            # roll back: the cache keeps the context, the last token and the accepted
+            # drafts; the K/V of the rejected drafts go (and any block only they used)
+            sched.rollback(s, len(d) - n_acc)
+            stats.n_proposed += len(d)
+            stats.n_accepted += n_acc
+            stats.n_seq_forwards += 1
+            for tok in kept:  # the plain step's stopping and streaming, token by token
+                stats.n_tokens += 1
+                if llm.take(sched, out, s, tok, now):
+                    self.proposer.forget(s.id)
+                    break
+        return True

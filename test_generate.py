@@ -16,7 +16,7 @@ from hypothesis import given, strategies as st
 
 from model import kernels
 from conftest import make_checkpoint, smollm2_path
-from generate import LLM, SamplingParams, sample
+from generate import LLM, SamplingParams, Scheduler
 
 HERE = Path(__file__).parent
 
@@ -34,7 +34,7 @@ def llms(tmp_path_factory):
 
 def dense_logits(llm, tokens):
     n = len(tokens)
-    meta = kernels.AttnMeta(None, None, None, torch.tensor([0, n]), (), (0, n))
+    meta = kernels.AttnMeta.dense([0, n])
     return llm.model(torch.tensor(tokens), torch.arange(n), meta, None, all_logits=True)
 
 
@@ -53,7 +53,7 @@ def test_cached_logits_match_uncached_at_every_step(llms, arch, prompts, n_new):
     try:
         batch = [(s, len(p), llm.cache.append(s.id, p)) for s, p in zip(seqs, prompts)]
         while batch:
-            logits = llm.run_batch(batch)
+            logits = llm.run(batch)
             llm.cache.check_invariants()
             for row, (s, _, _) in enumerate(batch):
                 want = dense_logits(llm, s.tokens[:s.n_computed])[-1]
@@ -114,14 +114,14 @@ def test_tight_pool_really_preempts(tiny_dir):
 def test_sampling_filters():
     logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
     rng = torch.Generator().manual_seed(0)
-    assert sample(logits, SamplingParams(temperature=0), rng) == 1
-    assert {sample(logits, SamplingParams(temperature=5, top_k=1), rng) for _ in range(20)} == {1}
-    picks = {sample(logits, SamplingParams(temperature=1, top_k=2), rng) for _ in range(200)}
+    assert SamplingParams(temperature=0).draw(logits, rng) == 1
+    assert {SamplingParams(temperature=5, top_k=1).draw(logits, rng) for _ in range(20)} == {1}
+    picks = {SamplingParams(temperature=1, top_k=2).draw(logits, rng) for _ in range(200)}
     assert picks == {1, 3}
-    picks = {sample(logits, SamplingParams(temperature=1, top_p=0.01), rng) for _ in range(50)}
+    picks = {SamplingParams(temperature=1, top_p=0.01).draw(logits, rng) for _ in range(50)}
     assert picks == {1}
     # top_p keeps the smallest set reaching the mass: here tokens 1 and 3 (~0.47 + ~0.43)
-    picks = {sample(logits, SamplingParams(temperature=1, top_p=0.85), rng) for _ in range(300)}
+    picks = {SamplingParams(temperature=1, top_p=0.85).draw(logits, rng) for _ in range(300)}
     assert picks == {1, 3}
 
 
@@ -315,10 +315,10 @@ def first_step_logits(llm, prompt):
     """Admit one prompt through the real scheduler (prefix hits included) and run its
     prefill: (logits of its last position, tokens it got from the cache)."""
     [seq] = llm.make_sequences([prompt], SamplingParams(max_new_tokens=1))
-    running, waiting = [], __import__("collections").deque([seq])
+    sched = Scheduler(llm.cache, llm.max_batch_tokens)
+    sched.add([seq])
     try:
-        batch = llm.schedule(running, waiting)
-        return llm.run_batch(batch)[0], seq.n_cached
+        return llm.run(sched.schedule())[0], seq.n_cached
     finally:
         llm.cache.free(seq.id)
 
@@ -432,7 +432,7 @@ def test_quantized_cache_logits_stay_close_to_exact(tiny_dir, arch, kv_dtype):
     try:
         batch = [(seq, 20, llm.cache.append(seq.id, tokens[:20]))]
         while True:
-            logits = llm.run_batch(batch)[0]
+            logits = llm.run(batch)[0]
             want = dense_logits(llm, tokens[:seq.n_computed])[-1]
             worst = max(worst, ((logits - want).abs().max() / (want.max() - want.min())).item())
             if seq.n_computed == len(tokens):

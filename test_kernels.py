@@ -13,20 +13,6 @@ from hypothesis import given, settings, strategies as st
 from model import kernels
 
 
-def dense_oracle(q, k, v):
-    """Independent oracle, written out: softmax(Q K^T / sqrt(D) + causal mask) V over K/V
-    repeated per query head, the last Tq of S positions. q (Tq, H, D), k/v (S, K, D)."""
-    n_q, n_head, d = q.shape
-    n_ctx, n_kv, _ = k.shape
-    g = n_head // n_kv
-    kr = k.repeat_interleave(g, dim=1).transpose(0, 1)  # (H, S, D)
-    vr = v.repeat_interleave(g, dim=1).transpose(0, 1)
-    scores = q.transpose(0, 1) @ kr.transpose(1, 2) / d ** 0.5  # (H, Tq, S)
-    allowed = torch.ones(n_q, n_ctx, dtype=torch.bool).tril(diagonal=n_ctx - n_q)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return (scores.softmax(-1) @ vr).transpose(0, 1)
-
-
 @st.composite
 def paged_batches(draw):
     """A random ragged batch over a randomly ordered paged pool, float64."""
@@ -57,7 +43,7 @@ def build(n_kv, group, d, block_size, ctx, new, seed):
     ks = [torch.randn(c, n_kv, d, generator=g, dtype=torch.float64) for c in ctx]
     vs = [torch.randn(c, n_kv, d, generator=g, dtype=torch.float64) for c in ctx]
     for k, v, s in zip(ks, vs, slots_all):
-        m = kernels.AttnMeta(torch.tensor(s), None, None, None, block_size=block_size)
+        m = kernels.AttnMeta.for_store(torch.tensor(s), block_size)
         kernels.store_kv(k, v, k_cache, v_cache, m)
     qs = [torch.randn(n, n_kv * group, d, generator=g, dtype=torch.float64) for n in new]
     width = max(len(t) for t in tables)
@@ -66,8 +52,7 @@ def build(n_kv, group, d, block_size, ctx, new, seed):
     for n in new:
         starts.append(starts[-1] + n)
     new_slots = [s for sl, n in zip(slots_all, new) for s in sl[len(sl) - n:]]
-    meta = kernels.AttnMeta(torch.tensor(new_slots), bt, torch.tensor(ctx), torch.tensor(starts),
-                            tuple(ctx), tuple(starts), block_size)
+    meta = kernels.AttnMeta.paged(new_slots, bt, ctx, starts, k_cache.shape[:3])
     return k_cache, v_cache, ks, vs, qs, meta
 
 
@@ -75,7 +60,7 @@ def assert_matches_oracle(attention, case):
     k_cache, v_cache, ks, vs, qs, meta = build(*case)
     d = qs[0].shape[-1]
     out = attention(torch.cat(qs), k_cache, v_cache, meta, d ** -0.5)
-    want = torch.cat([dense_oracle(q, k, v) for q, k, v in zip(qs, ks, vs)])
+    want = torch.cat([kernels.attention_spec(q, k, v) for q, k, v in zip(qs, ks, vs)])
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
     return meta
 
@@ -104,14 +89,14 @@ def test_dense_causal_attention_matches_oracle(case):
         starts.append(starts[-1] + c)
     out = kernels.dense_causal_attention(q, k, v, starts, d ** -0.5)
     for s, e in zip(starts, starts[1:]):
-        torch.testing.assert_close(out[s:e], dense_oracle(q[s:e], k[s:e], v[s:e]))
+        torch.testing.assert_close(out[s:e], kernels.attention_spec(q[s:e], k[s:e], v[s:e]))
 
 
 def test_store_kv_writes_only_its_slots():
     k_cache = torch.zeros(2, 4, 2, 3)  # (K, N, P, D)
     v_cache = torch.zeros(2, 4, 2, 3)
     k = torch.arange(12.).view(2, 2, 3) + 1  # (T, K, D)
-    meta = kernels.AttnMeta(torch.tensor([5, 0]), None, None, None, block_size=2)
+    meta = kernels.AttnMeta.for_store(torch.tensor([5, 0]), 2)
     kernels.store_kv(k, -k, k_cache, v_cache, meta)
     flat_k = k_cache.view(2, 8, 3)  # (K, slots, D)
     assert torch.equal(flat_k[:, 5], k[0]) and torch.equal(flat_k[:, 0], k[1])
@@ -176,7 +161,7 @@ def kernel_inputs(case, dtype):
     k_cache[:, ~owned] = float("nan")
     v_cache[:, ~owned] = float("nan")
     rounded = [[t.to(dtype).double() for t in ts] for ts in (qs, ks, vs)]
-    want = torch.cat([dense_oracle(q, k, v) for q, k, v in zip(*rounded)])
+    want = torch.cat([kernels.attention_spec(q, k, v) for q, k, v in zip(*rounded)])
     meta = dataclasses.replace(meta, **{f: getattr(meta, f).to(DEVICE) for f in
                                         ("slot_mapping", "block_tables", "context_lens",
                                          "query_start")})
@@ -229,7 +214,7 @@ def test_triton_store_kv_writes_exactly_its_slots(dtype, n_tok, n_kv, d, block_s
     # k, v as the model makes them: head-strided views of one fused projection
     qkv = torch.randn(n_tok, 3 * n_kv, d, generator=g).to(DEVICE, dtype)
     k, v = qkv[:, :n_kv], qkv[:, 2 * n_kv:]
-    meta = kernels.AttnMeta(slots, None, None, None, block_size=block_size)
+    meta = kernels.AttnMeta.for_store(slots, block_size)
     caches = [torch.full((n_kv, n_blocks, block_size, d), float("nan"), dtype=dtype,
                          device=DEVICE) for _ in range(4)]
     kernels.store_kv_triton(k, v, caches[0], caches[1], meta)
@@ -331,7 +316,7 @@ def test_triton_store_quantizes_like_the_reference(qdtype, n_tok, n_kv, d, seed)
     slots = torch.randperm(n_blocks * block_size, generator=g)[:n_tok].to(DEVICE)
     k, v = (torch.randn(n_tok, n_kv, d, generator=g).to(DEVICE) * 3 for _ in range(2))
     k[0, 0] = 0.0  # a zero vector: scale 0
-    meta = kernels.AttnMeta(slots, None, None, None, block_size=block_size)
+    meta = kernels.AttnMeta.for_store(slots, block_size)
     shape = (n_kv, n_blocks, block_size, d)
     pools = [[torch.zeros(shape, dtype=qdtype, device=DEVICE) for _ in range(2)] +
              [torch.full(shape[:3], float("nan"), device=DEVICE) for _ in range(2)]
@@ -366,7 +351,8 @@ def test_triton_attention_over_a_quantized_cache_matches_reference(qdtype, dtype
     for b, (q_b, n_ctx) in enumerate(zip(qs, ctx)):
         k, v = kernels.gather_context(kq, vq, meta.block_tables[b], n_ctx, (ks, vs),
                                       torch.float64)
-        want.append(dense_oracle(q_b.to(dtype).double(), k.transpose(0, 1), v.transpose(0, 1)))
+        want.append(kernels.attention_spec(q_b.to(dtype).double(), k.transpose(0, 1),
+                                           v.transpose(0, 1)))
     owned = torch.zeros(ks.shape[1:], dtype=torch.bool)
     for b, n_ctx in enumerate(ctx):
         for j in range(n_ctx):

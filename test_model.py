@@ -32,15 +32,14 @@ def our_logits(model, ids, paged=False, block_size=4):
     ids = torch.tensor(ids)
     n = len(ids)
     if not paged:
-        meta = kernels.AttnMeta(None, None, None, torch.tensor([0, n]), (), (0, n))
+        meta = kernels.AttnMeta.dense([0, n])
         return model(ids, torch.arange(n), meta, None, all_logits=True)
     cfg = model.cfg
     c = KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, n_blocks=64, block_size=block_size,
                 dtype=model.tok_emb.weight.dtype)
     c.append(99, [0, 0, 0])  # occupy some blocks first, so ours are not simply 0, 1, 2...
     slots = c.append(0, ids.tolist())
-    meta = kernels.AttnMeta(torch.tensor(slots), c.block_table_tensor([0]), torch.tensor([n]),
-                            torch.tensor([0, n]), (n,), (0, n), block_size)
+    meta = kernels.AttnMeta.paged(slots, c.block_table_tensor([0]), [n], [0, n], c.pool_shape)
     return model(ids, torch.arange(n), meta, c.layers, all_logits=True)
 
 

@@ -16,7 +16,7 @@ from hypothesis import given, strategies as st
 import speculative as spec_mod
 from conftest import make_checkpoint
 from generate import LLM, SamplingParams
-from speculative import accept_draft, accept_greedy, propose_ngram
+from speculative import Speculator, accept_draft, accept_greedy, propose_ngram
 
 HERE = Path(__file__).parent
 
@@ -40,10 +40,10 @@ def proposer_name(llm, draft_path, which):
             "self": f"draft:{llm.model_path}"}[which]
 
 
-def assert_no_block_held(llm):
+def assert_no_block_held(llm, spec=None):
     """Both caches consistent and empty of live sequences (cached blocks may stay)."""
-    for cache in [llm.cache] + [d.llm.cache for d in llm.drafts.values()
-                                if isinstance(d, spec_mod.DraftModel)]:
+    drafts = [spec.proposer] if spec is not None else []
+    for cache in [llm.cache] + [d.llm.cache for d in drafts if isinstance(d, spec_mod.DraftModel)]:
         cache.check_invariants()
         assert cache.n_free_blocks == cache.n_blocks and not cache.block_tables
 
@@ -64,21 +64,23 @@ def test_greedy_speculative_equals_greedy_target(models, arch, prompts, k, which
     llm, draft = models[arch]
     p = SamplingParams(max_new_tokens=n_new, ignore_eos=ignore_eos)
     want = llm.generate(prompts, p)
-    got = llm.generate(prompts, p, speculative=proposer_name(llm, draft, which), spec_k=k)
+    spec = Speculator(proposer_name(llm, draft, which), k)
+    got = llm.generate(prompts, p, speculator=spec)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert [g.text for g in got] == [w.text for w in want]
     assert [g.finish_reason for g in got] == [w.finish_reason for w in want]
-    stats = llm.spec_stats
+    stats = spec.stats
     assert stats.n_accepted <= stats.n_proposed
     assert stats.n_tokens == sum(len(w.token_ids) + (w.finish_reason == "stop") for w in want)
-    assert_no_block_held(llm)
+    assert_no_block_held(llm, spec)
 
 
 def test_target_as_its_own_draft_accepts_everything(models):
     llm, _ = models["llama"]
     p = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], p, speculative=f"draft:{llm.model_path}", spec_k=4)
-    stats = llm.spec_stats
+    spec = Speculator(f"draft:{llm.model_path}", 4)
+    llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], p, speculator=spec)
+    stats = spec.stats
     assert stats.n_proposed > 0 and stats.acceptance_rate == 1.0
     assert stats.tokens_per_forward > 3  # 5 tokens a verification pass, 1 for the prefill
 
@@ -94,9 +96,10 @@ def test_tight_pool_speculative_equals_plain(models, prompts, n_blocks, k, which
                 max_batch_tokens=16)
     p = SamplingParams(max_new_tokens=16, ignore_eos=True)
     want = llm.generate(prompts, p)
-    got = tight.generate(prompts, p, speculative=proposer_name(llm, draft, which), spec_k=k)
+    spec = Speculator(proposer_name(llm, draft, which), k)
+    got = tight.generate(prompts, p, speculator=spec)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
-    assert_no_block_held(tight)
+    assert_no_block_held(tight, spec)
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,9 +181,9 @@ def test_rollback_keeps_invariants_and_returns_blocks(models, monkeypatch):
     """Every truncate (target and draft) leaves a consistent cache; rejected drafts that
     spanned a block give it back; nothing is held after generate."""
     llm, draft = models["llama"]
-    spec = f"draft:{draft}"
-    llm.generate([[1]], SamplingParams(max_new_tokens=1), speculative=spec)  # load the draft
-    caches = [llm.cache, llm.drafts[spec].llm.cache]
+    spec = Speculator(f"draft:{draft}", 8)
+    llm.generate([[1]], SamplingParams(max_new_tokens=1), speculator=spec)  # load the draft
+    caches = [llm.cache, spec.proposer.llm.cache]
     freed = []
     for cache in caches:
         def truncate(seq_id, n_drop, cache=cache, original=cache.truncate):
@@ -190,23 +193,23 @@ def test_rollback_keeps_invariants_and_returns_blocks(models, monkeypatch):
             freed.append((cache is llm.cache, cache.n_free_blocks - n_free))
         monkeypatch.setattr(cache, "truncate", truncate)
     p = SamplingParams(max_new_tokens=24, ignore_eos=True, temperature=1.0, seed=5)
-    outs = llm.generate([[1, 2, 3], [3, 4, 5, 6, 7, 8, 9]], p, speculative=spec, spec_k=8)
+    outs = llm.generate([[1, 2, 3], [3, 4, 5, 6, 7, 8, 9]], p, speculator=spec)
     assert all(len(o.token_ids) == 24 for o in outs)
     assert any(target and n > 0 for target, n in freed)      # a target block came back
     assert any(not target for target, _ in freed)            # the draft was rolled back too
-    assert_no_block_held(llm)
+    assert_no_block_held(llm, spec)
 
 
 def test_sampled_speculation_is_seeded_and_self_draft_accepts_nearly_all(models):
     llm, _ = models["gpt2"]
     p = SamplingParams(max_new_tokens=16, ignore_eos=True, temperature=0.9, top_p=0.9, seed=3)
-    spec = f"draft:{llm.model_path}"
-    a = llm.generate([[1, 2, 3], [5, 6]], p, speculative=spec)
-    b = llm.generate([[1, 2, 3], [5, 6]], p, speculative=spec)
+    spec = Speculator(f"draft:{llm.model_path}")
+    a = llm.generate([[1, 2, 3], [5, 6]], p, speculator=spec)
+    b = llm.generate([[1, 2, 3], [5, 6]], p, speculator=spec)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     # p and q are the same model through two attention paths: equal up to rounding
-    assert llm.spec_stats.acceptance_rate > 0.9
-    assert_no_block_held(llm)
+    assert spec.stats.acceptance_rate > 0.9
+    assert_no_block_held(llm, spec)
 
 
 # ------------------------------------------------------------------------------------------
