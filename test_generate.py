@@ -4,8 +4,10 @@ every step, greedy tokens), batched == one at a time, preempted == never preempt
 prefill == whole prefill; sampling, stop strings and streaming; every bad input gives one
 clear error (API and CLI); the golden continuation of the real model.
 """
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,21 +17,10 @@ import torch
 from hypothesis import given, strategies as st
 
 from model import kernels
-from conftest import make_checkpoint, smollm2_path
-from generate import LLM, SamplingParams, Scheduler
+from conftest import make_checkpoint, needs_smollm2, smollm2_path
+from generate import LLM, SamplingParams, Scheduler, main
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def llms(tmp_path_factory):
-    """One tiny LLM per architecture (fp32), built once."""
-    out = {}
-    for arch in ("gpt2", "llama"):
-        d = tmp_path_factory.mktemp(arch)
-        make_checkpoint(d, arch)
-        out[arch] = LLM(str(d), dtype="float32", block_size=4)
-    return out
 
 
 def dense_logits(llm, tokens):
@@ -43,10 +34,10 @@ prompts_st = st.lists(st.lists(st.integers(0, 290), min_size=1, max_size=20), mi
 
 
 @given(arch=st.sampled_from(["gpt2", "llama"]), prompts=prompts_st, n_new=st.integers(1, 12))
-def test_cached_logits_match_uncached_at_every_step(llms, arch, prompts, n_new):
+def test_cached_logits_match_uncached_at_every_step(engine, arch, prompts, n_new):
     """Prefill all prompts in one ragged batch, then decode in lockstep through the paged
     cache; every step's logits equal a full recomputation of the sequence so far."""
-    llm = llms[arch]
+    llm = engine(arch)
     g = torch.Generator().manual_seed(len(prompts) * 31 + n_new)
     seqs = llm.make_sequences([p + torch.randint(0, 290, (n_new,), generator=g).tolist()
                                for p in prompts], SamplingParams(max_new_tokens=1))
@@ -68,8 +59,8 @@ def test_cached_logits_match_uncached_at_every_step(llms, arch, prompts, n_new):
 
 
 @given(arch=st.sampled_from(["gpt2", "llama"]), prompts=prompts_st)
-def test_greedy_tokens_cached_equal_uncached(llms, arch, prompts):
-    llm, p = llms[arch], SamplingParams(max_new_tokens=10, ignore_eos=True)
+def test_greedy_tokens_cached_equal_uncached(engine, arch, prompts):
+    llm, p = engine(arch), SamplingParams(max_new_tokens=10, ignore_eos=True)
     cached = llm.generate(prompts, p)
     uncached = llm.generate(prompts, p, use_cache=False)
     assert [c.token_ids for c in cached] == [u.token_ids for u in uncached]
@@ -78,8 +69,8 @@ def test_greedy_tokens_cached_equal_uncached(llms, arch, prompts):
 
 @given(arch=st.sampled_from(["gpt2", "llama"]), prompts=prompts_st,
        temperature=st.sampled_from([0.0, 0.8]), seed=st.integers(0, 100))
-def test_batched_generation_equals_one_at_a_time(llms, arch, prompts, temperature, seed):
-    llm = llms[arch]
+def test_batched_generation_equals_one_at_a_time(engine, arch, prompts, temperature, seed):
+    llm = engine(arch)
     p = SamplingParams(max_new_tokens=8, temperature=temperature, top_k=20, seed=seed)
     together = llm.generate(prompts, p)
     alone = [llm.generate([q], p)[0] for q in prompts]
@@ -125,15 +116,15 @@ def test_sampling_filters():
     assert picks == {1, 3}
 
 
-def test_seeded_sampling_is_reproducible(llms):
-    llm = llms["llama"]
+def test_seeded_sampling_is_reproducible(engine):
+    llm = engine("llama")
     p = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
     a, b = llm.generate([[1, 2, 3]], p), llm.generate([[1, 2, 3]], p)
     assert a[0].token_ids == b[0].token_ids
 
 
-def test_stop_strings_and_streaming(llms):
-    llm = llms["gpt2"]
+def test_stop_strings_and_streaming(engine):
+    llm = engine("gpt2")
     p = SamplingParams(max_new_tokens=30, ignore_eos=True)
     [full] = llm.generate(["the fox"], p)
     assert len(full.text) > 4
@@ -146,8 +137,8 @@ def test_stop_strings_and_streaming(llms):
     assert out.finish_reason == "stop" and "".join(pieces) == out.text
 
 
-def test_completion_fields(llms):
-    llm = llms["llama"]
+def test_completion_fields(engine):
+    llm = engine("llama")
     [o] = llm.generate(["the quick brown fox"], SamplingParams(max_new_tokens=5, ignore_eos=True))
     assert o.n_prompt_tokens == len(llm.tokenizer.encode("the quick brown fox"))
     assert o.n_cached_tokens == 0 and len(o.token_ids) == 5 and o.finish_reason == "length"
@@ -163,8 +154,8 @@ def test_bad_sampling_params_raise(kwargs, match):
         SamplingParams(**kwargs)
 
 
-def test_bad_requests_raise_and_leave_the_cache_intact(llms):
-    llm = llms["llama"]
+def test_bad_requests_raise_and_leave_the_cache_intact(engine):
+    llm = engine("llama")
     for prompts, params, match in [
             ([""], None, "empty prompt"), ([[]], None, "empty prompt"), ([], None, "no prompts"),
             ([[1] * 250], SamplingParams(max_new_tokens=10), r"260 tokens, beyond .* 256"),
@@ -182,12 +173,26 @@ def test_bad_requests_raise_and_leave_the_cache_intact(llms):
 # the CLI, as a user runs it
 
 def run_cli(*args, stdin=None):
+    """generate.py as a user runs it, in a process of its own."""
     return subprocess.run([sys.executable, str(HERE / "generate.py"), *args], input=stdin,
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """cli(*args, stdin=None) -> (exit code, stdout, stderr) of generate.py's main(), called
+    in this process (no interpreter start-up per case; run_cli keeps the real thing)."""
+    def run(*args, stdin=None):
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
+
+
 @pytest.fixture(scope="module")
-def bad_files(tmp_path_factory, llms):
+def bad_files(tmp_path_factory):
     """Paths that must each fail with a clear message."""
     import numpy as np
     from test_model import GGUF_LLAMA_TINY, write_gguf
@@ -241,34 +246,34 @@ def test_engine_runs_without_triton(tiny_dir):
     assert "triton package is not installed" in error
 
 
-def test_cli_streams_a_completion(llms):
-    r = run_cli("the quick", "--model", llms["gpt2"].model_path, "--max-new-tokens", "5",
+def test_cli_streams_a_completion(engine):
+    r = run_cli("the quick", "--model", engine("gpt2").model_path, "--max-new-tokens", "5",
                 "--dtype", "float32", "--ignore-eos")
     assert r.returncode == 0, r.stderr
-    [o] = llms["gpt2"].generate(["the quick"], SamplingParams(max_new_tokens=5, ignore_eos=True,
+    [o] = engine("gpt2").generate(["the quick"], SamplingParams(max_new_tokens=5, ignore_eos=True,
                                                               seed=0))
     assert r.stdout == o.text + "\n"
     assert "prompt 3 tokens" in r.stderr and "tokens/s" in r.stderr and "KV cache" in r.stderr
 
 
-def test_cli_prompt_file_and_chat(llms, tmp_path):
+def test_cli_prompt_file_and_chat(tiny_dir, tmp_path, cli):
     f = tmp_path / "p.txt"
     f.write_text("the fox\n\nthe dog\nsun\n")
-    r = run_cli("--prompt-file", str(f), "--model", llms["gpt2"].model_path,
-                "--max-new-tokens", "3", "--dtype", "float32")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("### ") == 3 and "3/3 requests done" in r.stderr
-    r = run_cli("--chat", "--model", llms["gpt2"].model_path, "--max-new-tokens", "3",
-                stdin="hello\nagain\n")
-    assert r.returncode == 0, r.stderr
-    assert r.stderr.count("[1 request") == 2
+    code, out, err = cli("--prompt-file", str(f), "--model", str(tiny_dir("gpt2")),
+                         "--max-new-tokens", "3", "--dtype", "float32")
+    assert code == 0, err
+    assert out.count("### ") == 3 and "3/3 requests done" in err
+    code, out, err = cli("--chat", "--model", str(tiny_dir("gpt2")), "--max-new-tokens", "3",
+                         stdin="hello\nagain\n")
+    assert code == 0, err
+    assert err.count("[1 request") == 2
 
 
 @pytest.mark.parametrize("case", [
     "empty", "context", "missing", "text", "arch", "type", "cut", "temperature", "top_p",
     "top_k", "max_new", "kv_budget", "kv_budget_unit", "no_prompt"])
-def test_cli_bad_input_is_one_clear_line(llms, bad_files, case):
-    m = ["--model", llms["llama"].model_path]
+def test_cli_bad_input_is_one_clear_line(tiny_dir, bad_files, cli, case):
+    m = ["--model", str(tiny_dir("llama"))]
     args, match = {
         "empty": (["", *m], "empty prompt"),
         "context": (["hi", *m, "--max-new-tokens", "300"], "beyond the model's context of 256"),
@@ -285,16 +290,24 @@ def test_cli_bad_input_is_one_clear_line(llms, bad_files, case):
         "kv_budget_unit": (["hi", *m, "--kv-budget", "2 parsecs"], "give bytes with a unit"),
         "no_prompt": (m, "give a PROMPT"),
     }[case]
-    r = run_cli(*args)
-    assert r.returncode != 0
+    code, _, err = cli(*args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(match, lines[0]), lines[0]
+
+
+def test_cli_bad_input_from_the_shell(tiny_dir):
+    """The same, through a real process: one line on stderr, exit status 2."""
+    r = run_cli("hi", "--model", str(tiny_dir("llama")), "--top-p", "1.5")
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert __import__("re").search(match, lines[0]), lines[0]
+    assert r.returncode == 2 and len(lines) == 1 and "top_p must be in (0, 1]" in lines[0]
 
 
 # ------------------------------------------------------------------------------------------
 # golden: the embedded model, fp32, greedy
 
+@needs_smollm2
 def test_golden_smollm2_continuation():
     llm = LLM(None, dtype="float32")
     [out] = llm.generate(["Once upon a time, there was a little"], SamplingParams(max_new_tokens=14))
@@ -367,19 +380,50 @@ def test_identical_block_aligned_prompts_in_one_batch_equal_alone(tiny_dir):
     llm.cache.check_invariants()
 
 
-def test_shared_system_prompt_is_prefilled_once(llms):
-    llm = llms["llama"]
+def test_shared_system_prompt_is_prefilled_once(engine):
+    llm = engine("llama")
     system = list(range(1, 41))  # 10 blocks of 4
     outs = llm.generate([system + [50 + i] for i in range(4)],
                         SamplingParams(max_new_tokens=2, ignore_eos=True))
-    # all four are admitted in one step, so the first maps nothing; later calls hit
+    # all four are admitted in one step: the first prefills the system prompt, the others map
+    # its blocks as they are reserved (the pass writes them before anyone attends)
+    assert [o.n_cached_tokens for o in outs] == [0, 40, 40, 40]
     [again] = llm.generate([system + [99]], SamplingParams(max_new_tokens=2, ignore_eos=True))
     assert again.n_cached_tokens == 40 and outs[0].n_prompt_tokens == 41
 
 
+def test_a_failed_step_loses_only_its_own_blocks(engine, tiny_dir):
+    """A forward pass that raises mid-generation: the error reaches the caller, every block
+    comes back, the cache stays consistent, a system prompt cached before stays a hit, and
+    the blocks the failed pass was to write are not hits (they hold nothing)."""
+    llm = engine("llama")
+    system, p = list(range(1, 41)), SamplingParams(max_new_tokens=4, ignore_eos=True)
+    llm.generate([system + [50]], p)
+    prompt = system + list(range(60, 69))  # two more full blocks of 4, then one token
+    forward, fail = llm.model.forward, [True]
+
+    def failing(*args, **kwargs):
+        if fail[0]:
+            raise RuntimeError("the device went away")
+        return forward(*args, **kwargs)
+    llm.model.forward = failing
+    try:
+        with pytest.raises(RuntimeError, match="went away"):
+            llm.generate([prompt], p)
+        llm.cache.check_invariants()
+        assert llm.cache.n_free_blocks == llm.cache.n_blocks and not llm.cache.unwritten
+        fail[0] = False
+        [again] = llm.generate([prompt], p)
+    finally:
+        del llm.model.forward
+    assert again.n_cached_tokens == 40
+    cold = LLM(str(tiny_dir("llama")), dtype="float32", block_size=4)
+    assert again.token_ids == cold.generate([prompt], p)[0].token_ids
+
+
 @given(seed=st.integers(0, 1000), n=st.integers(2, 4), prompt_len=st.integers(1, 9))
-def test_forked_samples_equal_each_sample_alone(llms, seed, n, prompt_len):
-    llm = llms["gpt2"]
+def test_forked_samples_equal_each_sample_alone(engine, seed, n, prompt_len):
+    llm = engine("gpt2")
     prompt = list(range(10, 10 + prompt_len))
     p = SamplingParams(max_new_tokens=6, temperature=1.0, seed=seed, n=n, ignore_eos=True)
     outs = llm.generate([prompt, [7, 7]], p)
@@ -407,11 +451,12 @@ def test_many_requests_complete_in_a_small_pool(tiny_dir):
     assert [o.token_ids for o in outs[:20]] == [o.token_ids for o in ample.generate(prompts[:20], p)]
 
 
-def test_chat_turns_reuse_the_conversation_cache(llms):
-    r = run_cli("--chat", "--model", llms["gpt2"].model_path, "--max-new-tokens", "6",
-                "--dtype", "float32", "--ignore-eos", stdin="the quick brown fox\nand the dog\n")
-    assert r.returncode == 0, r.stderr
-    cached = [int(x) for x in __import__("re").findall(r"cached (\d+)", r.stderr)]
+def test_chat_turns_reuse_the_conversation_cache(tiny_dir, cli):
+    code, _, err = cli("--chat", "--model", str(tiny_dir("gpt2")), "--max-new-tokens", "6",
+                       "--dtype", "float32", "--ignore-eos",
+                       stdin="the quick brown fox\nand the dog\n")
+    assert code == 0, err
+    cached = [int(x) for x in re.findall(r"cached (\d+)", err)]
     assert len(cached) == 2 and cached[0] == 0 and cached[1] > 0
 
 

@@ -19,7 +19,7 @@ import torch
 import model as M
 from model import kernels
 from cache import KVCache
-from conftest import make_checkpoint, smollm2_path, TRAIN_TEXT
+from conftest import make_checkpoint, needs_smollm2, smollm2_path, TRAIN_TEXT
 
 TEXTS = ["Hello world", "12345 apples  and   3.14159\n\n\tTabs", "naïve café — 日本語 🎉 emoji",
          "<|im_start|>user\nHi there<|im_end|>\n", "   leading spaces and trailing   ",
@@ -282,6 +282,7 @@ def smollm2_hf():
     return hf.eval(), AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
 
 
+@needs_smollm2
 def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_hf):
     _, ours = smollm2
     _, theirs = smollm2_hf
@@ -290,6 +291,7 @@ def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_hf):
         assert ours.decode(ours.encode(text)) == text
 
 
+@needs_smollm2
 def test_smollm2_logits_match_transformers(smollm2, smollm2_hf):
     (model, tok), (hf, _) = smollm2, smollm2_hf
     for text in ["Once upon a time, there was a little", "The capital of France is",

@@ -21,18 +21,12 @@ from speculative import Speculator, accept_draft, accept_greedy, propose_ngram
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Per architecture: a tiny fp32 target and the path of a one-layer draft with the same
-    tokenizer and other random weights."""
-    out = {}
-    for arch in ("gpt2", "llama"):
-        target, draft = tmp_path_factory.mktemp(arch), tmp_path_factory.mktemp(arch + "_draft")
-        make_checkpoint(target, arch)
-        layers = {"gpt2": dict(n_layer=1), "llama": dict(num_hidden_layers=1)}[arch]
-        make_checkpoint(draft, arch, seed=1, **layers)
-        out[arch] = (LLM(str(target), dtype="float32", block_size=4), str(draft))
-    return out
+@pytest.fixture(scope="session")
+def models(engine, tiny_dir):
+    """models(arch) -> a tiny fp32 target (with an empty pool) and the path of a one-layer
+    draft with the same tokenizer and other random weights."""
+    layers = {"gpt2": dict(n_layer=1), "llama": dict(num_hidden_layers=1)}
+    return lambda arch: (engine(arch), str(tiny_dir(arch, seed=1, **layers[arch])))
 
 
 def proposer_name(llm, draft_path, which):
@@ -61,7 +55,7 @@ prompts_st = st.lists(st.lists(st.integers(0, 12), min_size=1, max_size=16), min
        ignore_eos=st.booleans())
 def test_greedy_speculative_equals_greedy_target(models, arch, prompts, k, which, n_new,
                                                  ignore_eos):
-    llm, draft = models[arch]
+    llm, draft = models(arch)
     p = SamplingParams(max_new_tokens=n_new, ignore_eos=ignore_eos)
     want = llm.generate(prompts, p)
     spec = Speculator(proposer_name(llm, draft, which), k)
@@ -76,7 +70,7 @@ def test_greedy_speculative_equals_greedy_target(models, arch, prompts, k, which
 
 
 def test_target_as_its_own_draft_accepts_everything(models):
-    llm, _ = models["llama"]
+    llm, _ = models("llama")
     p = SamplingParams(max_new_tokens=24, ignore_eos=True)
     spec = Speculator(f"draft:{llm.model_path}", 4)
     llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], p, speculator=spec)
@@ -91,7 +85,7 @@ def test_target_as_its_own_draft_accepts_everything(models):
 def test_tight_pool_speculative_equals_plain(models, prompts, n_blocks, k, which):
     """A pool too small for everyone's drafts: k shrinks, plain steps preempt; no request is
     lost and the tokens are still the target's."""
-    llm, draft = models["llama"]
+    llm, draft = models("llama")
     tight = LLM(llm.model_path, dtype="float32", block_size=4, n_blocks=n_blocks,
                 max_batch_tokens=16)
     p = SamplingParams(max_new_tokens=16, ignore_eos=True)
@@ -180,7 +174,7 @@ def test_propose_ngram():
 def test_rollback_keeps_invariants_and_returns_blocks(models, monkeypatch):
     """Every truncate (target and draft) leaves a consistent cache; rejected drafts that
     spanned a block give it back; nothing is held after generate."""
-    llm, draft = models["llama"]
+    llm, draft = models("llama")
     spec = Speculator(f"draft:{draft}", 8)
     llm.generate([[1]], SamplingParams(max_new_tokens=1), speculator=spec)  # load the draft
     caches = [llm.cache, spec.proposer.llm.cache]
@@ -201,7 +195,7 @@ def test_rollback_keeps_invariants_and_returns_blocks(models, monkeypatch):
 
 
 def test_sampled_speculation_is_seeded_and_self_draft_accepts_nearly_all(models):
-    llm, _ = models["gpt2"]
+    llm, _ = models("gpt2")
     p = SamplingParams(max_new_tokens=16, ignore_eos=True, temperature=0.9, top_p=0.9, seed=3)
     spec = Speculator(f"draft:{llm.model_path}")
     a = llm.generate([[1, 2, 3], [5, 6]], p, speculator=spec)
@@ -216,7 +210,7 @@ def test_sampled_speculation_is_seeded_and_self_draft_accepts_nearly_all(models)
 # bad options, API and CLI
 
 def test_bad_speculative_options_raise(models, tmp_path):
-    llm, _ = models["llama"]
+    llm, _ = models("llama")
     for kwargs, match in [(dict(speculative="bogus"), "'ngram' or 'draft:PATH'"),
                           (dict(speculative="draft:"), "'ngram' or 'draft:PATH'"),
                           (dict(speculative="ngram", spec_k=0), "spec_k must be"),
@@ -236,20 +230,27 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_cli_speculative(models):
-    llm, draft = models["gpt2"]
+def test_cli_speculative(models, capsys):
+    """Each proposer through main() in this process, the first also as a real process; bad
+    options are one line and exit status 2."""
+    from generate import main
+    llm, draft = models("gpt2")
     common = ["the fox the fox the", "--model", llm.model_path, "--dtype", "float32",
               "--max-new-tokens", "12", "--ignore-eos"]
     [want] = llm.generate(["the fox the fox the"], SamplingParams(max_new_tokens=12,
                                                                   ignore_eos=True))
+    r = run_cli(*common, "--speculative", "ngram", "--spec-k", "3")
+    runs = [("ngram", r.returncode, r.stdout, r.stderr)]
     for spec in ("ngram", f"draft:{draft}"):
-        r = run_cli(*common, "--speculative", spec, "--spec-k", "3")
-        assert r.returncode == 0, r.stderr
-        assert r.stdout == want.text + "\n"
-        assert f"speculative {spec} k=3: " in r.stderr and "tokens per target forward" in r.stderr
+        code = main([*common, "--speculative", spec, "--spec-k", "3"])
+        runs.append((spec, code, *capsys.readouterr()))
+    for spec, code, out, err in runs:
+        assert code == 0, err
+        assert out == want.text + "\n"
+        assert f"speculative {spec} k=3: " in err and "tokens per target forward" in err
     for bad, match in [(["--speculative", "bogus"], "'ngram' or 'draft:PATH'"),
                        (["--speculative", "ngram", "--spec-k", "0"], "--spec-k >= 1")]:
-        r = run_cli(*common, *bad)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+        code = main([*common, *bad])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
         assert match in lines[0]
