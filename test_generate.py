@@ -7,9 +7,13 @@ clear error (API and CLI); the golden continuation of the real model.
 import io
 import json
 import os
+import pty
 import re
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,8 @@ from hypothesis import given, strategies as st
 
 from model import kernels
 from conftest import make_checkpoint, needs_smollm2, smollm2_path
+import generate as gen_mod
+import model as model_mod
 from generate import LLM, SamplingParams, Scheduler, main
 
 HERE = Path(__file__).parent
@@ -514,3 +520,151 @@ def test_quantized_cache_shares_forks_and_preempts_unchanged(tiny_dir):
     for llm in (ample, tight):
         llm.cache.check_invariants()
         assert llm.cache.n_free_blocks == llm.cache.n_blocks
+
+
+# ------------------------------------------------------------------------------------------
+# the shell as people use it: chat, Ctrl-C, honest summaries, no traceback
+
+def test_chat_api_is_generate_through_the_template(engine):
+    llm = engine("gpt2")
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the fox"}]
+    p = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    text = model_mod.apply_chat_template(llm.tokenizer, conv)
+    [want] = llm.generate([llm.tokenizer.encode(text)], p)
+    [one] = llm.chat(conv, p)
+    two = llm.chat([conv, conv[1:]], p)
+    assert one.token_ids == want.token_ids == two[0].token_ids and len(two) == 2
+    for bad in ([], [{"role": "user"}], [[]], "hi", [["hi"]]):
+        with pytest.raises(ValueError, match="conversation"):
+            llm.chat(bad, p)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda llm: llm.generate([None]), TypeError, "a string or a list of token ids, not NoneType"),
+    (lambda llm: llm.generate([[1, 1.7]]), TypeError, "token ids are integers, not 1.7"),
+    (lambda llm: llm.generate([[1, True]]), TypeError, "token ids are integers"),
+    (lambda llm: llm.generate([5]), ValueError, "list of strings or a list of token-id lists"),
+    (lambda llm: LLM(llm.model_path, device="tpu"), ValueError, "unsupported device 'tpu'"),
+    (lambda llm: LLM(llm.model_path, kv_budget="100TiB"), ValueError, "more than the"),
+    (lambda llm: LLM(llm.model_path, kv_budget=4096), ValueError, "bytes only from 1 MiB")])
+def test_bad_api_arguments_raise_one_clear_error(engine, call, error, match):
+    llm = engine("llama")
+    with pytest.raises(error, match=match):
+        call(llm)
+    llm.cache.check_invariants()
+    assert llm.cache.n_free_blocks == llm.cache.n_blocks
+
+
+def test_summary_never_shows_a_negative_rate_and_says_why_nothing_came(engine, monkeypatch):
+    llm = engine("llama")
+    [empty] = llm.generate([[1, 2]], SamplingParams(max_new_tokens=1, ignore_eos=True))
+    empty.token_ids, empty.decode_s = [], 0.0  # as when the first token is end-of-sequence
+    monkeypatch.setattr(llm.tokenizer, "chat_template", "{{ messages }}")
+    line = gen_mod.summary_line(llm, [empty], 0.1)
+    assert "no token generated" in line and "--chat" in line and "tokens/s" not in line
+    assert "--chat" not in gen_mod.summary_line(llm, [empty], 0.1, chat=True)
+    [one] = llm.generate([[1, 2]], SamplingParams(max_new_tokens=1, ignore_eos=True))
+    line = gen_mod.summary_line(llm, [one], 0.1)
+    assert "1 generated" in line and "tokens/s" not in line and "-" not in line.split("|")[4]
+
+
+def test_cli_chat_answers_a_file_of_questions(tiny_dir, cli, tmp_path):
+    f = tmp_path / "q.txt"
+    f.write_text("the fox\nthe dog\n")
+    code, out, err = cli("--chat", "--prompt-file", str(f), "--model", str(tiny_dir("gpt2")),
+                         "--max-new-tokens", "3", "--ignore-eos")
+    assert code == 0 and out.count("### ") == 2 and "### 1: the dog" in out, err
+    assert "[2 requests" in err
+
+
+def test_cli_chat_answers_one_question_and_exits(tiny_dir, cli):
+    code, out, err = cli("--chat", "the fox", "--model", str(tiny_dir("gpt2")),
+                         "--max-new-tokens", "4", "--ignore-eos")
+    assert code == 0 and out.strip() and err.count("[1 request") == 1, err
+    assert "chat:" not in err  # no interactive banner
+
+
+def test_cli_chat_commands(tiny_dir, cli, tmp_path):
+    """Empty lines are skipped, /system and /reset start over, /save writes the conversation,
+    /help lists the commands, /exit leaves."""
+    saved = tmp_path / "conv.json"
+    code, out, err = cli("--chat", "--model", str(tiny_dir("gpt2")), "--max-new-tokens", "3",
+                         "--ignore-eos", stdin=f"\n/help\n/system be brief\nthe fox\n"
+                         f"/save {saved}\n/reset\nthe dog\n/save {tmp_path / 'no' / 'x'}\n"
+                         "/exit\nnot read\n")
+    assert code == 0, err
+    assert "/reset" in err and err.count("(a new conversation)") == 2
+    assert err.count("[1 request") == 2 and "error: cannot save" in err
+    conv = json.loads(saved.read_text())
+    assert [m["role"] for m in conv] == ["system", "user", "assistant"]
+    assert conv[0]["content"] == "be brief" and conv[1]["content"] == "the fox"
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--device", "tpu"], "unsupported device 'tpu'"),
+    (["--kv-budget", "100TiB"], "more than the"),
+    (["--kv-budget", "1.5"], "a fraction must be in"),
+    (["--kv-budget", "4096"], "bytes only from 1 MiB"),
+    (["--chat", "--prompt-file", "x"], "--chat takes a question or --prompt-file")])
+def test_cli_more_bad_input_is_one_clear_line(tiny_dir, cli, args, match):
+    code, _, err = cli("hi", "--model", str(tiny_dir("llama")), *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert match in lines[0], lines[0]
+
+
+def test_ctrl_c_while_starting_is_one_line(tiny_dir):
+    """SIGINT while torch is still importing: exit status 130 and one line, no traceback."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "generate.py"), "hi", "--model",
+                             str(tiny_dir("llama"))], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.8)  # past Python's start, inside torch's import (about 2 s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "interrupted", err
+
+
+def read_until(fd, marker, timeout=60):
+    """Read a pseudo-terminal until marker has appeared; everything read so far."""
+    seen, end = b"", time.monotonic() + timeout
+    while marker.encode() not in seen:
+        assert time.monotonic() < end, f"no {marker!r} in {seen[-2000:]!r}"
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:
+                break
+    return seen.decode(errors="replace")
+
+
+def test_interactive_chat_through_a_terminal(tiny_dir):
+    """Three turns in a real pseudo-terminal: a reply, a reply stopped by Ctrl-C (the program
+    stays), a third turn that still has the conversation in its prompt, and a clean Ctrl-D."""
+    path = tiny_dir("llama", max_position_embeddings=8192)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: generate.py on the terminal's other end
+        os.execv(sys.executable, [sys.executable, str(HERE / "generate.py"), "--chat",
+                                  "--model", str(path), "--max-new-tokens", "1500",
+                                  "--ignore-eos", "--dtype", "float32"])
+    reply_done = "s]\r\n> "  # a summary line's end, then the prompt
+    try:
+        read_until(fd, "leaves\r\n> ")
+        os.write(fd, b"the fox\n")
+        first = read_until(fd, reply_done)
+        prompt_1 = int(re.search(r"prompt (\d+) tokens", first).group(1))
+        os.write(fd, b"and the dog\n")
+        time.sleep(0.5)                   # well into a reply of 1500 tokens
+        os.write(fd, b"\x03")             # Ctrl-C, through the terminal: SIGINT
+        stopped = read_until(fd, "[reply stopped]\r\n> ")
+        assert "[reply stopped]" in stopped and "Traceback" not in stopped
+        os.write(fd, b"sun\n")
+        third = read_until(fd, reply_done)
+        prompt_3 = int(re.search(r"prompt (\d+) tokens", third).group(1))
+        assert prompt_3 > prompt_1 + 1500  # the first reply and the stopped one are in it
+        assert int(re.search(r"cached (\d+)", third).group(1)) > 0
+        os.write(fd, b"\x04")             # Ctrl-D at the prompt: leave
+        read_until(fd, "\n", timeout=30)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
