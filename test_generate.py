@@ -21,7 +21,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from model import kernels
-from conftest import make_checkpoint, needs_smollm2, smollm2_path
+from conftest import make_checkpoint, smollm2_path
 import generate as gen_mod
 import model as model_mod
 from generate import LLM, SamplingParams, Scheduler, main
@@ -313,9 +313,8 @@ def test_cli_bad_input_from_the_shell(tiny_dir):
 # ------------------------------------------------------------------------------------------
 # golden: the embedded model, fp32, greedy
 
-@needs_smollm2
-def test_golden_smollm2_continuation():
-    llm = LLM(None, dtype="float32")
+def test_golden_smollm2_continuation(smollm2_llm):
+    llm = smollm2_llm
     [out] = llm.generate(["Once upon a time, there was a little"], SamplingParams(max_new_tokens=14))
     assert out.text.startswith(" girl named Emma who loved to play in the sun.")
     assert str(smollm2_path()) == llm.model_path
@@ -644,7 +643,7 @@ def test_interactive_chat_through_a_terminal(tiny_dir):
     pid, fd = pty.fork()
     if pid == 0:  # the child: generate.py on the terminal's other end
         os.execv(sys.executable, [sys.executable, str(HERE / "generate.py"), "--chat",
-                                  "--model", str(path), "--max-new-tokens", "1500",
+                                  "--model", str(path), "--max-new-tokens", "400",
                                   "--ignore-eos", "--dtype", "float32"])
     reply_done = "s]\r\n> "  # a summary line's end, then the prompt
     try:
@@ -653,14 +652,15 @@ def test_interactive_chat_through_a_terminal(tiny_dir):
         first = read_until(fd, reply_done)
         prompt_1 = int(re.search(r"prompt (\d+) tokens", first).group(1))
         os.write(fd, b"and the dog\n")
-        time.sleep(0.5)                   # well into a reply of 1500 tokens
+        read_until(fd, "and the dog\r\n")  # the terminal's echo of the line
+        os.read(fd, 1)                    # the reply has begun streaming: 400 tokens to go
         os.write(fd, b"\x03")             # Ctrl-C, through the terminal: SIGINT
         stopped = read_until(fd, "[reply stopped]\r\n> ")
         assert "[reply stopped]" in stopped and "Traceback" not in stopped
         os.write(fd, b"sun\n")
         third = read_until(fd, reply_done)
         prompt_3 = int(re.search(r"prompt (\d+) tokens", third).group(1))
-        assert prompt_3 > prompt_1 + 1500  # the first reply and the stopped one are in it
+        assert prompt_3 > prompt_1 + 400  # the first reply and the stopped one are in it
         assert int(re.search(r"cached (\d+)", third).group(1)) > 0
         os.write(fd, b"\x04")             # Ctrl-D at the prompt: leave
         read_until(fd, "\n", timeout=30)

@@ -84,19 +84,24 @@ def installed(dist):
         return None
 
 
-@pytest.mark.parametrize("first", ["engine", "transformers"])
-def test_engine_and_transformers_share_one_process(tmp_path, first):
-    """`kernels` names this project's kernels.py and Hugging Face's hub-kernels package, which
-    transformers imports: in one process, whichever comes first, both work, the engine's
-    kernels (through Triton where it is installed) give transformers' logits, and the bare
-    name belongs to the installed package."""
-    hf_kernels = installed("kernels")
+def hf_kernels_required():
+    """Whether the installed transformers needs Hugging Face's `kernels` package (5.25 and
+    later), so that the name clash is really exercised here."""
     major, minor = map(int, installed("transformers").split(".")[:2])
-    if (major, minor) >= (5, 25):  # it requires the package: the clash is really exercised
-        assert hf_kernels is not None
+    if (major, minor) >= (5, 25):
+        assert installed("kernels") is not None
+    return installed("kernels") is not None
+
+
+def test_transformers_first_then_the_engine_in_one_process(tmp_path):
+    """`kernels` names this project's kernels.py and Hugging Face's hub-kernels package, which
+    transformers imports: a process started in the project folder that touches transformers'
+    model classes first, then runs the engine (through Triton where it is installed), gets
+    transformers' logits, and the bare name belongs to the installed package."""
+    hf_kernels = hf_kernels_required()
     env = dict(os.environ, KVCACHE_KERNELS="triton" if kernels.triton else "ref")
-    out = subprocess.run([sys.executable, "-c", ONE_PROCESS, str(tmp_path), first], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", ONE_PROCESS, str(tmp_path), "transformers"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     name, ours, bare, bare_is_hf = out.stdout.split()
     assert name == "kvcache_kernels" and Path(ours) == ROOT / "kernels.py"
@@ -104,6 +109,23 @@ def test_engine_and_transformers_share_one_process(tmp_path, first):
         assert Path(bare).parent.name == "kernels" and bare_is_hf == "True"
     else:
         assert Path(bare) == ROOT / "kernels.py"
+
+
+def test_engine_first_then_transformers_in_this_process(tmp_path, monkeypatch):
+    """The other order is this very process: the test files imported the engine before any
+    transformers model class was touched. Building one now, and running the engine's kernels
+    beside it, works, and the two `kernels` are two modules."""
+    hf_kernels = hf_kernels_required()
+    monkeypatch.setenv("KVCACHE_KERNELS", "triton" if kernels.triton else "ref")
+    hf = make_checkpoint(tmp_path, "llama")  # touches LlamaForCausalLM
+    ours, tok = M.load(tmp_path)
+    ids = tok.encode("the quick brown fox jumps")
+    torch.testing.assert_close(our_logits(ours, ids, paged=True), hf(torch.tensor([ids])).logits[0],
+                               rtol=1e-4, atol=1e-4)
+    assert kernels.__name__ == "kvcache_kernels" and Path(kernels.__file__) == ROOT / "kernels.py"
+    if hf_kernels:
+        assert sys.modules["kernels"] is not kernels
+        assert hasattr(sys.modules["kernels"], "CUDAProperties")
 
 
 def test_sharded_checkpoint_loads_the_same(tmp_path):
@@ -270,8 +292,8 @@ def test_hf_errors_name_what_does_not_fit(tmp_path):
 # the real model: SmolLM2-135M-Instruct (GGUF, Q4_1 + Q8_0)
 
 @pytest.fixture(scope="module")
-def smollm2():
-    return M.load(smollm2_path(), torch.float32)
+def smollm2(smollm2_llm):
+    return smollm2_llm.model, smollm2_llm.tokenizer
 
 
 @pytest.fixture(scope="module")
