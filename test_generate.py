@@ -108,6 +108,21 @@ def test_tight_pool_really_preempts(tiny_dir):
     assert llm.n_preemptions > 0 and all(len(o.token_ids) == 20 for o in outs)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampled_preemption_equals_an_ample_pool(engine, seed):
+    """Sampling, where a token recomputed after preemption would come out differently if a
+    sampled token were lost or drawn again: a pool that must preempt gives exactly the
+    sampled tokens of an ample one."""
+    prompts = [[5] * 10, [6] * 10, [7] * 10]
+    p = SamplingParams(max_new_tokens=20, ignore_eos=True, temperature=1.0, seed=seed)
+    want = engine("llama").generate(prompts, p)
+    tight = engine("llama", n_blocks=10)
+    n_before = tight.n_preemptions
+    got = tight.generate(prompts, p)
+    assert tight.n_preemptions > n_before
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
 def test_sampling_filters():
     logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
     rng = torch.Generator().manual_seed(0)

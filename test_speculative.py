@@ -180,11 +180,26 @@ def test_rollback_keeps_invariants_and_returns_blocks(models, monkeypatch):
             cache.check_invariants()
             freed.append((cache is llm.cache, cache.n_free_blocks - n_free))
         monkeypatch.setattr(cache, "truncate", truncate)
+    draft_model, n_checked = spec.proposer, []
+
+    def propose(seqs, ks, original=draft_model.propose):
+        # after every rollback and draft, the draft's cache holds exactly what its twins
+        # computed, and each twin agrees with its target sequence as far as it was synced
+        out = original(seqs, ks)
+        for s, k in zip(seqs, ks):
+            d = draft_model.twins.get(s.id)
+            if d is not None and k > 0:  # synced this step
+                assert draft_model.llm.cache.seq_tokens[d.id] == d.tokens[:d.n_computed]
+                assert d.tokens[:len(s.tokens)] == s.tokens
+                n_checked.append(d.id)
+        return out
+    monkeypatch.setattr(draft_model, "propose", propose)
     p = SamplingParams(max_new_tokens=24, ignore_eos=True, temperature=1.0, seed=5)
     outs = llm.generate([[1, 2, 3], [3, 4, 5, 6, 7, 8, 9]], p, speculator=spec)
     assert all(len(o.token_ids) == 24 for o in outs)
     assert any(target and n > 0 for target, n in freed)      # a target block came back
     assert any(not target for target, _ in freed)            # the draft was rolled back too
+    assert n_checked
     assert_no_block_held(llm, spec)
 
 
