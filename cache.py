@@ -404,8 +404,8 @@ class KVCache:
         self.seq_tokens.pop(seq_id, None)
 
     def forget_cached(self):
-        """Drop the hashes of every unreferenced block (after a failed step, whose blocks were
-        hashed but may never have been written)."""
+        """Drop the hashes of every unreferenced block: the pool starts cold (benchmarks, and
+        tests that compare against a cold run). A failed step needs only abort_step."""
         while self.cached_free:
             block, _ = self.cached_free.popitem(last=False)
             self._unhash(block)

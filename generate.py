@@ -479,9 +479,10 @@ class LLM:
     model: None for the embedded SmolLM2-135M-Instruct, else an HF directory or a .gguf file.
     kv_dtype: None stores the cache in the model's dtype; "int8" or "fp8" (e4m3, GPUs of
     compute capability 8.9 and up, or the CPU reference) quantize it, one scale per vector.
-    n_blocks: KV pool size in blocks of block_size tokens; None sizes it from kv_budget: bytes,
-    a size string like "2GiB", or a float in (0, 1], the fraction of free device memory (see
-    KVCache.from_budget). max_batch_tokens bounds the tokens computed in one step."""
+    n_blocks: KV pool size in blocks of block_size tokens; None sizes it from kv_budget: a
+    size string like "2GiB", whole bytes from 1 MiB up, or a float in (0, 1], the fraction of
+    free device memory (see cache.parse_budget and KVCache.from_budget). max_batch_tokens
+    bounds the tokens computed in one step."""
 
     def __init__(self, model=None, device="cpu", dtype=None, block_size=16, n_blocks=None,
                  kv_budget="256MiB", max_batch_tokens=2048, kv_dtype=None):
