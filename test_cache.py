@@ -29,7 +29,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
                              block_size=block_size)
 
     def write(self, slots, tokens):  # what the model's forward would do: K/V into the slots
-        self.cache.kv[0, 0].view(-1)[slots] = torch.tensor(tokens, dtype=torch.float32)
+        ids = torch.tensor(tokens, dtype=torch.float32)
+        self.cache.kv[0, 0].view(-1)[slots] = ids       # K holds the token id
+        self.cache.kv[0, 1].view(-1)[slots] = -1 - ids  # V another function of it
         self.cache.mark_written()
 
     def snapshot(self):
@@ -121,13 +123,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
         c = self.cache
         c.check_invariants()
         assert c.seq_lens == {s: len(t) for s, t in self.model.items()}
-        flat = c.kv[0, 0].view(-1)
+        k_flat, v_flat = c.kv[0, 0].view(-1), c.kv[0, 1].view(-1)
         p = c.block_size
         for s, tokens in self.model.items():
             table = c.block_table(s)
             slots = [table[i // p] * p + i % p for i in range(len(tokens))]
-            assert flat[slots].tolist() == [float(t) for t in tokens], f"sequence {s} reads " \
-                "tokens that are not its own"
+            assert k_flat[slots].tolist() == [float(t) for t in tokens], f"sequence {s} reads " \
+                "keys that are not its own"
+            assert v_flat[slots].tolist() == [-1.0 - t for t in tokens], f"sequence {s} reads " \
+                "values that are not its own"
         assert c.n_free_blocks == sum(r == 0 for r in c.ref_counts)
 
     def teardown(self):

@@ -464,7 +464,7 @@ def test_many_requests_complete_in_a_small_pool(tiny_dir):
     outs = llm.generate(prompts, p, on_finish=lambda i, o: done.append(i))
     assert sorted(done) == list(range(200)) and all(len(o.token_ids) == 8 for o in outs)
     ample = LLM(str(tiny_dir("llama")), dtype="float32", block_size=4)
-    assert [o.token_ids for o in outs[:20]] == [o.token_ids for o in ample.generate(prompts[:20], p)]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ample.generate(prompts, p)]
 
 
 def test_chat_turns_reuse_the_conversation_cache(tiny_dir, cli):
