@@ -369,7 +369,7 @@ class KVCache:
         hashes (a later request must not map them). Every other cached prefix stays."""
         for block in list(self.unwritten):
             self._unhash(block)
-            if self.ref_counts[block] == 0 and block in self.cached_free:
+            if block in self.cached_free:  # unreferenced: now a plain free block
                 del self.cached_free[block]
                 self.free_blocks.append(block)
         self.unwritten.clear()

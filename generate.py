@@ -32,6 +32,9 @@ import re
 import signal
 import sys
 import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 def _interrupted_while_starting(signum, frame):
@@ -43,9 +46,6 @@ if __name__ == "__main__":
     # Ctrl-C while torch and the model load: one line and exit status 130, not a traceback
     # from inside an import. main() hands Ctrl-C back to Python once it runs.
     signal.signal(signal.SIGINT, _interrupted_while_starting)
-from collections import deque
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
@@ -188,8 +188,8 @@ def encode_prompt(tokenizer, vocab_size, prompt) -> list:
     """A prompt's token ids: a string is encoded, a list of integer ids is checked."""
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt) if prompt else []
-    elif isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
-        ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
+    elif isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):  # tensors, arrays
+        ids = list(getattr(prompt, "tolist", lambda: prompt)())
         wrong = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
         if wrong:
             raise TypeError(f"token ids are integers, not {wrong[0]!r}")
@@ -516,7 +516,7 @@ class LLM:
         params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        seqs = []
+        seqs, eos_ids = [], frozenset(self.tokenizer.eos_ids)
         for prompt, p in zip(prompts, params):
             ids = encode_prompt(self.tokenizer, self.cfg.vocab_size, prompt)
             n_total = len(ids) + p.max_new_tokens
@@ -528,7 +528,7 @@ class LLM:
             seed = p.seed if p.seed is not None else random.randrange(2 ** 62)
             samples = [Sequence(self._next_id + i, list(ids), len(ids), p,
                                 torch.Generator().manual_seed(seed + i),  # sample i: seed + i
-                                self.tokenizer.stream(), frozenset(self.tokenizer.eos_ids))
+                                self.tokenizer.stream(), eos_ids)
                        for i in range(p.n)]
             self._next_id += p.n
             samples[0].forks = samples[1:]
