@@ -115,9 +115,10 @@ def parse_budget(budget, device="cpu") -> int:
 
 
 def chain_hash(parent_hash, tokens) -> int:
-    """Hash of a full block: its parent's hash and its own token ids (so it names the whole
-    prefix). Python's hash of a tuple of ints is deterministic across runs."""
-    return hash((parent_hash, tuple(tokens)))
+    """Hash of a full block: its parent's hash (None for a first block) and its own token ids,
+    so it names the whole prefix. Python's hash of a tuple of ints is the same in every process
+    (hash(None) is not before Python 3.12, hence the 0)."""
+    return hash((0 if parent_hash is None else parent_hash, tuple(tokens)))
 
 
 class KVCache:
@@ -129,6 +130,10 @@ class KVCache:
     dtype int8 or fp8 (torch.float8_e4m3fn) quantizes the pool: `scales` (n_layer, 2, K, N, P)
     holds one fp32 scale per stored vector, beside its block, and moves with it (copy-on-write
     copies both). The kernels quantize on store and dequantize on load."""
+
+    # The block hash: a test swaps it for one that collides often, to exercise the token
+    # re-check that makes a collision a miss rather than another sequence's K/V.
+    chain_hash = staticmethod(chain_hash)
 
     # A budget given as a fraction of free memory can be far more than one engine can use: the
     # pool is capped at this many full-length contexts (more sequences than that never run at
@@ -170,6 +175,11 @@ class KVCache:
         self.block_hash = [None] * n_blocks       # chain hash of a full block, else None
         self.block_tokens = [None] * n_blocks     # its P token ids, to re-check a hash hit
         self.block_parent = [None] * n_blocks     # the parent hash it was chained on
+        # what the hash stands for, checked on every hit with the tokens: the exact parent, as
+        # (parent block, its generation), None for a first block; a block's generation goes up
+        # whenever its hash is forgotten, so a child of since-forgotten contents never matches
+        self.block_origin = [None] * n_blocks
+        self.generation = [0] * n_blocks
         # free blocks: never-hashed ones first (deque), then cached ones in LRU order
         self.free_blocks = deque(range(n_blocks))
         self.cached_free: OrderedDict[int, None] = OrderedDict()
@@ -285,6 +295,8 @@ class KVCache:
         if h is not None and self.hash_to_block.get(h) == block:
             del self.hash_to_block[h]
         self.block_hash[block] = self.block_tokens[block] = self.block_parent[block] = None
+        self.block_origin[block] = None
+        self.generation[block] += 1  # whatever it held is forgotten: its children match no more
         self.unwritten.discard(block)
 
     def _copy_block(self, src) -> int:
@@ -308,10 +320,11 @@ class KVCache:
         p, parent, hits = self.block_size, None, []
         for i in range(len(tokens) // p):
             block_toks = tuple(tokens[i * p:(i + 1) * p])
-            h = chain_hash(parent, block_toks)
+            h = self.chain_hash(parent, block_toks)
             block = self.hash_to_block.get(h)
-            if block is None or self.block_tokens[block] != block_toks:
-                break  # a miss (or a collision: the token check catches it)
+            if block is None or self.block_tokens[block] != block_toks or \
+                    self.block_origin[block] != self._origin(hits[-1] if hits else None):
+                break  # a miss, or a collision: other tokens, or the same after another prefix
             hits.append(block)
             parent = h
         for block in hits:
@@ -342,13 +355,17 @@ class KVCache:
             table.append(self._allocate())
         seq.extend(tokens)
         for i in range(start // p, len(seq) // p):  # blocks filled by this append
-            parent = self.block_hash[table[i - 1]] if i else None
-            self._hash(table[i], parent, seq[i * p:(i + 1) * p])
+            self._hash(table[i], table[i - 1] if i else None, seq[i * p:(i + 1) * p])
         return [table[i // p] * p + i % p for i in range(start, len(seq))]
 
-    def _hash(self, block, parent, tokens):
-        h = chain_hash(parent, tokens)
+    def _origin(self, parent_block):
+        return None if parent_block is None else (parent_block, self.generation[parent_block])
+
+    def _hash(self, block, parent_block, tokens):
+        parent = None if parent_block is None else self.block_hash[parent_block]
+        h = self.chain_hash(parent, tokens)
         self.block_hash[block], self.block_parent[block] = h, parent
+        self.block_origin[block] = self._origin(parent_block)
         self.block_tokens[block] = tuple(tokens)
         self.hash_to_block.setdefault(h, block)  # an equal block already cached stays canonical
         self.unwritten.add(block)
@@ -441,8 +458,12 @@ class KVCache:
         assert used | set(free) | set(cached) == set(range(self.n_blocks)), "a block is lost"
         for h, b in self.hash_to_block.items():
             assert self.block_hash[b] == h, f"hash entry of block {b} is stale"
-            assert chain_hash(self.block_parent[b], self.block_tokens[b]) == h
+            assert self.chain_hash(self.block_parent[b], self.block_tokens[b]) == h
             assert len(self.block_tokens[b]) == self.block_size
+            origin = self.block_origin[b]
+            if origin is not None and self.generation[origin[0]] == origin[1]:
+                assert self.block_hash[origin[0]] == self.block_parent[b], \
+                    f"block {b} is chained on a hash its parent does not have"
         for b in cached:
             assert self.hash_to_block.get(self.block_hash[b]) == b, f"cached block {b} unhashed"
         for b in free:

@@ -3,14 +3,18 @@ Shared test helpers: hypothesis profiles, tiny seeded checkpoints built with tra
 written once per session), tiny engines over them, the embedded model, and a check of the
 scheduler's bookkeeping at every engine step of every test.
 
-Profiles: `ci` (default: derandomised, few examples, fast) and `dev` (many examples):
+Profiles: `ci` (default: few examples, fast) and `dev` (many examples):
     HYPOTHESIS_PROFILE=dev pytest
+Every run draws a fresh hypothesis seed, so that repeated runs (CI's included) explore new
+examples, and prints it in the header (and again after a failure); the same seed replays a run:
+    pytest --hypothesis-seed=N        (or HYPOTHESIS_SEED=N)
 Nothing here touches the network: checkpoints are random weights saved to a temp directory,
 with a small byte-level BPE tokenizer trained here on a fixed text.
 """
 import importlib.util
 import json
 import os
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -23,11 +27,32 @@ from hypothesis import HealthCheck, settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-settings.register_profile("ci", max_examples=12, derandomize=True, deadline=None,
+settings.register_profile("ci", max_examples=12, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before hypothesis's own plugin reads the option
+def pytest_configure(config):
+    if config.getoption("hypothesis_seed", None) is None:
+        config.option.hypothesis_seed = os.environ.get("HYPOTHESIS_SEED") or \
+            str(random.SystemRandom().randrange(1 << 32))
+
+
+def replay_line(config):
+    return (f"hypothesis profile {settings.get_current_profile_name()}, seed "
+            f"{config.option.hypothesis_seed}: replay with --hypothesis-seed="
+            f"{config.option.hypothesis_seed}")
+
+
+def pytest_report_header(config):
+    return replay_line(config)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    terminalreporter.write_line(replay_line(config))  # at the end too: -q prints no header
 
 TRAIN_TEXT = ("the quick brown fox jumps over the lazy dog. then the other fox sat in the "
               "sun and the dog ran to the tree, 1234 times over. " * 4)

@@ -1,37 +1,71 @@
 """
 The block manager. A stateful hypothesis test drives random share-prefix / append / fork /
-truncate / free sequences (with evictions, since the pool is small) against a simple model of
-what each sequence holds. The pool stores each token's id as its "K" value, so the test checks
-not just the bookkeeping but the contents: every sequence reads back exactly its own tokens
-through its block table, whatever was shared, copied, evicted or reused.
+truncate / free / failed-pass sequences (with evictions, since the pool is small) against a simple
+model of what each sequence holds. The pool stores each token's id as its "K" value (and another
+function of it as "V"), so the test checks not just the bookkeeping but the contents: every
+sequence reads back exactly its own tokens through its block table, whatever was shared, copied,
+evicted or reused. Half the runs use a block hash that collides often, so the token re-check of a
+hash hit is exercised too. The events each run reached are counted by hypothesis:
+    pytest test_cache.py -k BlockManager --hypothesis-show-statistics
 """
 import pytest
 import torch
 from hypothesis import event, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from cache import CacheFull, KVCache, blocks_for_budget, bytes_per_token, parse_budget
+from cache import CacheFull, KVCache, blocks_for_budget, bytes_per_token, chain_hash, parse_budget
 
 TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=12)  # a tiny alphabet: many hits
+
+
+def expected_kv(tokens):
+    """The K and V the pool must hold for a sequence of tokens: K the token id, V a rolling
+    function of every token so far (exact in float32)."""
+    v, vs = 0, []
+    for t in tokens:
+        v = (v * 3 + t + 1) % 65521
+        vs.append(float(v))
+    return [float(t) for t in tokens], vs
+
+
+class CollidingCache(KVCache):
+    """A pool whose block hash has eight values: many hash hits are collisions."""
+    chain_hash = staticmethod(lambda parent, tokens: chain_hash(parent, tokens) % 8)
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        self.cache = None
         self.model = {}  # seq id -> the tokens it holds: the truth the cache must agree with
         self.next_id = 0
+        self.reached = set()  # the events of this run, counted once per run in teardown
 
-    @rule(block_size=st.sampled_from([1, 2, 4]), n_blocks=st.integers(3, 12))
-    @precondition(lambda self: self.cache is None)
-    def make_pool(self, block_size, n_blocks):
-        self.cache = KVCache(n_layer=1, n_kv_head=1, head_dim=1, n_blocks=n_blocks,
-                             block_size=block_size)
+    def reach(self, name):
+        self.reached.add(name)
 
-    def write(self, slots, tokens):  # what the model's forward would do: K/V into the slots
-        ids = torch.tensor(tokens, dtype=torch.float32)
-        self.cache.kv[0, 0].view(-1)[slots] = ids       # K holds the token id
-        self.cache.kv[0, 1].view(-1)[slots] = -1 - ids  # V another function of it
+    @initialize(data=st.data(), block_size=st.sampled_from([1, 2, 4]),
+                n_blocks=st.integers(3, 8), collide=st.sampled_from([True, True, False]),
+                prompts=st.lists(TOKENS, min_size=1, max_size=3))
+    def make_pool(self, data, block_size, n_blocks, collide, prompts):
+        """A small pool (so it fills up: evictions), two thirds of the time with the colliding
+        hash, holding a few sequences (one forked) from the start, so that every run has
+        something to share, copy, evict and truncate."""
+        self.cache = (CollidingCache if collide else KVCache)(
+            n_layer=1, n_kv_head=1, head_dim=1, n_blocks=n_blocks, block_size=block_size)
+        if collide:
+            self.reach("colliding hash")
+        for tokens in prompts:
+            self.start(data, tokens)
+        self.fork(data)
+
+    def write(self, slots, seq):
+        """What the model's forward would do: K/V of the last len(slots) tokens of seq into the
+        slots. K holds the token id; V a function of the whole prefix up to the token, as a
+        real model's V is (so a block reused after another prefix reads back wrong)."""
+        k, v = expected_kv(seq)
+        n = len(slots)
+        self.cache.kv[0, 0].view(-1)[slots] = torch.tensor(k[len(seq) - n:])
+        self.cache.kv[0, 1].view(-1)[slots] = torch.tensor(v[len(seq) - n:])
         self.cache.mark_written()
 
     def snapshot(self):
@@ -40,86 +74,133 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 {s: list(t) for s, t in c.seq_tokens.items()}, list(c.free_blocks),
                 list(c.cached_free), dict(c.hash_to_block))
 
+    def evictions(self, before):
+        """Blocks that were cached and free in `before` (a snapshot) and have lost their hash
+        entry since: evicted to make room."""
+        cached_free, hashes = before[4], before[5]
+        owner = {b: h for h, b in hashes.items()}
+        return [b for b in cached_free if self.cache.hash_to_block.get(owner[b]) != b]
+
+    def note_refused_collision(self, tokens, n_cached):
+        """After share_prefix stopped at n_cached: was the next block a hash hit whose tokens
+        differ (a collision the token check refused)?"""
+        c, p = self.cache, self.cache.block_size
+        i = n_cached // p
+        if n_cached % p or (i + 1) * p > len(tokens):
+            return
+        h = None
+        for j in range(i + 1):  # the chain hash of block i, as share_prefix computed it
+            h = c.chain_hash(h, tuple(tokens[j * p:(j + 1) * p]))
+        block = c.hash_to_block.get(h)
+        if block is not None and c.block_tokens[block] != tuple(tokens[i * p:(i + 1) * p]):
+            self.reach("collision refused")
+
     @rule(data=st.data(), tokens=TOKENS)
-    @precondition(lambda self: self.cache is not None)
     def start(self, data, tokens):
-        if self.model and data.draw(st.booleans()):  # often extend a live sequence's tokens
-            src = data.draw(st.sampled_from(sorted(self.model)))
-            tokens = self.model[src][:data.draw(st.integers(0, len(self.model[src])))] + tokens
+        if self.model and data.draw(st.booleans()):  # often a live sequence's tokens, cut
+            src = data.draw(st.sampled_from(sorted(self.model)))  # and extended, or the same
+            tokens = self.model[src][:data.draw(st.integers(0, len(self.model[src])))] + \
+                tokens if data.draw(st.booleans()) else list(self.model[src])
         sid, self.next_id = self.next_id, self.next_id + 1
         n_cached = self.cache.share_prefix(sid, tokens)
         p = self.cache.block_size
         assert n_cached % p == 0 or n_cached == len(tokens) - 1
         if n_cached:
-            event("prefix hit")
+            self.reach("prefix hit")
+        self.note_refused_collision(tokens, n_cached)
         rest = tokens[n_cached:]
         if self.cache.can_append(sid, len(rest)):
-            self.write(self.cache.append(sid, rest), rest)
+            self.append_to(sid, tokens[:n_cached], rest)
             self.model[sid] = list(tokens)
         else:
             self.cache.free(sid)
 
-    @rule(data=st.data(), tokens=TOKENS)
-    @precondition(lambda self: self.model)
-    def append(self, data, tokens):
-        sid = data.draw(st.sampled_from(sorted(self.model)))
+    def append_to(self, sid, prefix, tokens):
+        """append + write, noting copy-on-write and evictions; CacheFull must change nothing."""
         before = self.snapshot()
         if self.cache._shared_write_block(sid) is not None:
-            event("copy-on-write")
-        if not self.cache.free_blocks and self.cache.cached_free:
-            event("eviction possible")
+            self.reach("copy-on-write")
         try:
             slots = self.cache.append(sid, tokens)
         except CacheFull:
-            event("cache full")
+            self.reach("cache full")
             assert self.cache.n_new_blocks(sid, len(tokens)) > self.cache.n_free_blocks
             assert self.snapshot() == before, "a failed append changed the cache"
-            return
-        self.write(slots, tokens)
-        self.model[sid] += tokens
+            return False
+        if self.evictions(before):
+            self.reach("eviction")
+        self.write(slots, prefix + tokens)
+        return True
+
+    def pick(self, data):
+        """A live sequence, one started if there is none (rules have no preconditions, so that
+        no run is discarded for want of an enabled rule); None if none could start."""
+        if not self.model:
+            self.start(data, data.draw(TOKENS))
+        return data.draw(st.sampled_from(sorted(self.model))) if self.model else None
 
     @rule(data=st.data(), tokens=TOKENS)
-    @precondition(lambda self: self.model)
+    def append(self, data, tokens):
+        if (sid := self.pick(data)) is None:
+            return
+        if self.append_to(sid, self.model[sid], tokens):
+            self.model[sid] += tokens
+            if data.draw(st.booleans()):  # drafted tokens, some rejected: roll them back
+                self.roll_back(sid, data.draw(st.integers(1, len(tokens))))
+        else:  # the pool is full: preempt a sequence, as the scheduler would
+            victim = data.draw(st.sampled_from(sorted(self.model)))
+            self.cache.free(victim)
+            del self.model[victim]
+
+    @rule(data=st.data(), tokens=st.lists(st.integers(0, 2), min_size=1, max_size=4))
     def failed_pass(self, data, tokens):
         """Slots reserved, then the forward pass fails before writing them: the request is
         dropped and the cache forgets what the pass was to write (a later prefix hit on it
         would read garbage, which `consistent` catches)."""
-        sid = data.draw(st.sampled_from(sorted(self.model)))
-        if not self.cache.can_append(sid, len(tokens)):
+        sid = self.pick(data)
+        if sid is None or not self.cache.can_append(sid, len(tokens)):
             return
         self.cache.append(sid, tokens)
-        event("failed pass")
+        self.reach("failed pass")
         self.cache.free(sid)
         del self.model[sid]
         self.cache.abort_step()
 
     @rule(data=st.data())
-    @precondition(lambda self: self.model)
     def fork(self, data):
-        sid = data.draw(st.sampled_from(sorted(self.model)))
+        if (sid := self.pick(data)) is None:
+            return
         child, self.next_id = self.next_id, self.next_id + 1
         self.cache.fork(sid, child)
         self.model[child] = list(self.model[sid])
+        tokens = data.draw(TOKENS)  # the child samples on: copy-on-write if the block is partial
+        if self.append_to(child, self.model[child], tokens):
+            self.model[child] += tokens
 
     @rule(data=st.data())
-    @precondition(lambda self: self.model)
     def truncate(self, data):
-        sid = data.draw(st.sampled_from(sorted(self.model)))
-        k = data.draw(st.integers(0, len(self.model[sid])))
+        if (sid := self.pick(data)) is None:
+            return
+        n = len(self.model[sid])
+        p = self.cache.block_size  # any count, or a block's worth or more (releases one)
+        self.roll_back(sid, data.draw(st.integers(0, n) | st.integers(min(n, p), n)))
+
+    def roll_back(self, sid, k):
+        n_blocks = len(self.cache.block_table(sid))
         self.cache.truncate(sid, k)
         del self.model[sid][len(self.model[sid]) - k:]
+        if len(self.cache.block_table(sid)) < n_blocks:
+            self.reach("truncation released a block")
 
     @rule(data=st.data())
-    @precondition(lambda self: self.model)
     def free(self, data):
-        sid = data.draw(st.sampled_from(sorted(self.model)))
+        if (sid := self.pick(data)) is None:
+            return
         self.cache.free(sid)
         del self.model[sid]
 
     @invariant()
     def consistent(self):
-        if self.cache is None:
-            return
         c = self.cache
         c.check_invariants()
         assert c.seq_lens == {s: len(t) for s, t in self.model.items()}
@@ -128,18 +209,18 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for s, tokens in self.model.items():
             table = c.block_table(s)
             slots = [table[i // p] * p + i % p for i in range(len(tokens))]
-            assert k_flat[slots].tolist() == [float(t) for t in tokens], f"sequence {s} reads " \
-                "keys that are not its own"
-            assert v_flat[slots].tolist() == [-1.0 - t for t in tokens], f"sequence {s} reads " \
-                "values that are not its own"
+            k, v = expected_kv(tokens)
+            assert k_flat[slots].tolist() == k, f"sequence {s} reads keys that are not its own"
+            assert v_flat[slots].tolist() == v, f"sequence {s} reads values of another prefix"
         assert c.n_free_blocks == sum(r == 0 for r in c.ref_counts)
 
     def teardown(self):
-        if self.cache is not None:
-            for s in list(self.model):
-                self.cache.free(s)
-            self.cache.check_invariants()
-            assert self.cache.n_free_blocks == self.cache.n_blocks
+        for name in sorted(self.reached):  # hypothesis reports the share of runs per event
+            event(name)
+        for s in list(self.model):
+            self.cache.free(s)
+        self.cache.check_invariants()
+        assert self.cache.n_free_blocks == self.cache.n_blocks
 
 
 TestBlockManager = BlockManagerMachine.TestCase
@@ -194,14 +275,28 @@ def test_free_releases_the_tail_before_the_prefix():
     c.check_invariants()
 
 
-def test_a_hash_hit_rechecks_the_tokens(monkeypatch):
+def test_a_hash_hit_rechecks_the_tokens():
     """Two different blocks whose chain hashes collide: the token check refuses the hit."""
-    import cache as cache_mod
-    monkeypatch.setattr(cache_mod, "chain_hash", lambda parent, tokens: 42)  # all collide
-    c = KVCache(1, 1, 1, n_blocks=4, block_size=2)
+    class OneHash(KVCache):
+        chain_hash = staticmethod(lambda parent, tokens: 42)  # every block collides
+    c = OneHash(1, 1, 1, n_blocks=4, block_size=2)
     c.append(0, [1, 2])
     assert c.share_prefix(1, [3, 4, 5]) == 0       # same hash, other tokens: a miss
     assert c.share_prefix(2, [1, 2, 5]) == 2       # same tokens: a hit
+    c.check_invariants()
+
+
+def test_a_hash_hit_rechecks_the_prefix():
+    """A colliding block with the same tokens but computed after another prefix is a miss:
+    its K/V depend on every earlier token, not just its own."""
+    class TokensHash(KVCache):  # blind to the parent: equal tokens collide anywhere
+        chain_hash = staticmethod(lambda parent, tokens: hash(tuple(tokens)))
+    c = TokensHash(1, 1, 1, n_blocks=4, block_size=1)
+    c.append(0, [7])                                # block a: [7] at the start
+    a = c.block_table(0)[0]
+    assert c.share_prefix(1, [7, 7, 5]) == 1        # [7] after [7] is not block a again
+    c.append(1, [7, 5])
+    assert c.block_table(1)[0] == a and a not in c.block_table(1)[1:]
     c.check_invariants()
 
 
