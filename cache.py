@@ -458,7 +458,8 @@ class KVCache:
         assert used | set(free) | set(cached) == set(range(self.n_blocks)), "a block is lost"
         for h, b in self.hash_to_block.items():
             assert self.block_hash[b] == h, f"hash entry of block {b} is stale"
-            assert self.chain_hash(self.block_parent[b], self.block_tokens[b]) == h
+            assert self.chain_hash(self.block_parent[b], self.block_tokens[b]) == h, \
+                f"block {b} does not hash to its entry"
             assert len(self.block_tokens[b]) == self.block_size
             origin = self.block_origin[b]
             if origin is not None and self.generation[origin[0]] == origin[1]:
@@ -468,14 +469,20 @@ class KVCache:
             assert self.hash_to_block.get(self.block_hash[b]) == b, f"cached block {b} unhashed"
         for b in free:
             assert self.block_hash[b] is None, f"free block {b} keeps a hash"
+        for b in range(self.n_blocks):
+            if self.block_hash[b] is None:
+                assert self.block_tokens[b] is self.block_parent[b] is self.block_origin[b] \
+                    is None, f"unhashed block {b} keeps what its hash stood for"
         for b in self.unwritten:
             assert self.block_hash[b] is not None, f"unwritten block {b} is not hashed"
         assert self.block_tables.keys() == self.seq_tokens.keys(), "tables and tokens disagree"
         p = self.block_size
         for s, table in self.block_tables.items():
             seq = self.seq_tokens[s]
-            assert len(table) == self.blocks_needed(len(seq)) or \
-                (len(table) == self.blocks_needed(len(seq) + 1) and len(seq) % p == p - 1), \
+            # a whole-prompt hit maps every block of its prompt but has computed all but the last
+            # token: with one-token blocks, that is one block more than its tokens need
+            extra = len(table) - self.blocks_needed(len(seq))
+            assert extra == 0 or (extra == 1 and p == 1), \
                 f"sequence {s} has {len(table)} blocks for {len(seq)} tokens"
             for i, b in enumerate(table):
                 if self.block_hash[b] is not None and (i + 1) * p <= len(seq):

@@ -3,7 +3,8 @@ Shared test helpers: hypothesis profiles, tiny seeded checkpoints built with tra
 written once per session), tiny engines over them, the embedded model, and a check of the
 scheduler's bookkeeping at every engine step of every test.
 
-Profiles: `ci` (default: few examples, fast) and `dev` (many examples):
+Profiles: `ci` (default: few examples, fast), `dev` (many examples), and `mutate` (no
+shrinking, for ./dev mutate):
     HYPOTHESIS_PROFILE=dev pytest
 Every run draws a fresh hypothesis seed, so that repeated runs (CI's included) explore new
 examples, and prints it in the header (and again after a failure); the same seed replays a run:
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 # Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before
 # triton is first imported (kernels.py imports it). With one, they run compiled.
@@ -31,6 +32,10 @@ settings.register_profile("ci", max_examples=12, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
+# mutation testing (./dev mutate): the ci examples, without shrinking a failure (only whether
+# a mutant is caught matters, and shrinking a failed stateful run takes seconds)
+settings.register_profile("mutate", settings.get_profile("ci"),
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -8,12 +8,16 @@ evicted or reused. Half the runs use a block hash that collides often, so the to
 hash hit is exercised too. The events each run reached are counted by hypothesis:
     pytest test_cache.py -k BlockManager --hypothesis-show-statistics
 """
+import os
+
 import pytest
 import torch
 from hypothesis import event, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from cache import CacheFull, KVCache, blocks_for_budget, bytes_per_token, chain_hash, parse_budget
+import cache as cache_mod
+from cache import (CacheFull, KVCache, blocks_for_budget, bytes_per_token, chain_hash,
+                   kv_storage_dtype, parse_budget)
 
 TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=12)  # a tiny alphabet: many hits
 
@@ -387,6 +391,229 @@ def test_bad_settings_are_rejected():
         KVCache(1, 1, 1, n_blocks=4, block_size=0)
 
 
+def test_can_append_counts_the_room_left_in_the_last_block():
+    c = KVCache(1, 1, 1, n_blocks=2, block_size=4)
+    c.append(0, [1])                               # 3 slots left in its block, 1 block free
+    assert c.can_append(0, 7) and not c.can_append(0, 8)
+    assert c.can_append(1, 4) and not c.can_append(1, 5)   # a new sequence has no room yet
+
+
+def test_misuse_is_refused_with_what_was_asked():
+    c = KVCache(1, 1, 1, n_blocks=4, block_size=2)
+    c.append(0, [1, 2, 3])
+    with pytest.raises(ValueError, match="sequence 0 already exists"):
+        c.share_prefix(0, [1])
+    with pytest.raises(ValueError, match="sequence 0 already exists"):
+        c.fork(0, 0)
+    with pytest.raises(ValueError, match="cannot drop 4 of 3 tokens"):
+        c.truncate(0, 4)
+    with pytest.raises(ValueError, match="cannot drop -1 of 3 tokens"):
+        c.truncate(0, -1)
+    c.check_invariants()
+
+
+def test_a_full_pool_says_what_it_lacks():
+    c = KVCache(1, 1, 1, n_blocks=2, block_size=4)
+    c.append(0, [1])
+    with pytest.raises(CacheFull, match="sequence 0 needs 2 more blocks of 4 tokens, 1 of 2 "
+                                        "are free"):
+        c.append(0, [2] * 8)
+    with pytest.raises(ValueError, match=r"the KV cache \(2 blocks of 4 tokens = 8 tokens\) is "
+                                         "too small for one request of 9 tokens"):
+        c.check_fits(9)
+    c.check_fits(8)
+
+
+def test_a_shared_block_costs_a_block_only_when_written():
+    c = KVCache(1, 1, 1, n_blocks=4, block_size=4)
+    c.append(0, [1, 2])
+    c.fork(0, 1)
+    assert c.n_new_blocks(1, 0) == 0 and c.n_new_blocks(1, 1) == 1 and c.n_new_blocks(1, 3) == 2
+
+
+def test_defaults_and_per_layer_views():
+    c = KVCache(2, 1, 1, n_blocks=1)
+    assert c.block_size == 16 and c.scales is None and c.layers[1][2] is None
+    q = KVCache(2, 1, 1, n_blocks=1, dtype=torch.int8)
+    for i, (k, v, (ks, vs)) in enumerate(q.layers):
+        assert k.data_ptr() == q.kv[i, 0].data_ptr() and v.data_ptr() == q.kv[i, 1].data_ptr()
+        assert ks.data_ptr() == q.scales[i, 0].data_ptr()
+        assert vs.data_ptr() == q.scales[i, 1].data_ptr()
+    assert q.scales.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"block_size \(0\) and n_blocks \(4\) must be >= 1"):
+        KVCache(1, 1, 1, n_blocks=4, block_size=0)
+
+
+@pytest.mark.parametrize("kv_dtype, want", [(None, torch.bfloat16), ("auto", torch.bfloat16),
+                                            (torch.bfloat16, torch.bfloat16),
+                                            ("int8", torch.int8), ("fp8", torch.float8_e4m3fn)])
+def test_kv_storage_dtype(kv_dtype, want):
+    assert kv_storage_dtype(kv_dtype, torch.bfloat16, "cpu") == want
+
+
+def test_kv_storage_dtype_refuses_others():
+    with pytest.raises(ValueError, match="unsupported kv_dtype 'int4' \\(auto, int8 or fp8\\)"):
+        kv_storage_dtype("int4", torch.float32, "cpu")
+
+
+def test_the_pool_lives_on_its_device(monkeypatch):
+    """Pools, scales, block tables and budgets follow the device they are given (the meta
+    device stands in for a GPU here: tensors with a device and no memory)."""
+    meta = torch.device("meta")
+    c = KVCache(1, 1, 1, n_blocks=4, block_size=2, dtype=torch.int8, device=meta)
+    assert c.kv.device == meta and c.scales.device == meta
+    c.append(0, [1, 2, 3])
+    assert c.block_table_tensor([0]).device == meta
+    assert c.block_table_tensor([0], device="cpu").tolist() == [c.block_table(0)]
+    free = {torch.device("cpu"): 1 << 30, meta: 1 << 33}
+    monkeypatch.setattr(cache_mod, "free_memory", lambda device: free[torch.device(device)])
+    per_block = 16 * bytes_per_token(2, 2, 8, torch.float32)
+    c = KVCache.from_budget(0.5, 16, 2, 2, 8, max_seq_len=1 << 20, device=meta)
+    assert c.kv.device == meta and c.n_blocks == (1 << 32) // per_block  # half the meta memory
+
+
+def test_scales_are_fp32_whatever_the_default_dtype():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert KVCache(1, 1, 1, n_blocks=1, dtype=torch.int8).scales.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_gpu_memory_and_fp8_support_come_from_the_named_gpu(monkeypatch):
+    """CUDA's answers for the GPU named (faked: the suite runs without one too)."""
+    gpus = {torch.device("cuda", 0): ((8, 0), (1 << 30, 1 << 34)),
+            torch.device("cuda", 1): ((8, 9), (1 << 31, 1 << 34))}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: gpus[d][0])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: gpus[d][1])
+    assert cache_mod.free_memory("cuda:0") == 1 << 30
+    assert cache_mod.free_memory("cuda:1") == 1 << 31
+    with pytest.raises(ValueError, match=r"^kv_dtype fp8 needs a GPU of compute capability 8\.9 "
+                                         r"or newer \(Ada, Hopper\); use int8$"):
+        kv_storage_dtype("fp8", torch.bfloat16, "cuda:0")
+    assert kv_storage_dtype("fp8", torch.bfloat16, "cuda:1") == torch.float8_e4m3fn
+    assert kv_storage_dtype("int8", torch.bfloat16, "cuda:0") == torch.int8
+
+
+def test_forget_cached_empties_the_prefix_cache_only():
+    c = KVCache(1, 1, 1, n_blocks=6, block_size=2)
+    c.append(0, [1, 2, 3, 4])
+    c.append(1, [5, 6, 7])
+    c.free(0)
+    first = c.block_table(1)[0]
+    c.forget_cached()
+    assert c.n_cached_free_blocks == 0 and c.n_free_blocks == 4
+    assert c.share_prefix(2, [1, 2, 3]) == 0 and c.share_prefix(3, [5, 6, 0]) == 2
+    assert c.block_table(3) == [first]
+    c.check_invariants()
+
+
+def test_block_table_tensor_pads_with_block_zero():
+    c = KVCache(1, 1, 1, n_blocks=6, block_size=2)
+    c.append(0, [1, 2, 3])
+    c.share_prefix(1, [])
+    t = c.block_table_tensor([1, 0])
+    assert t.dtype == torch.int64 and t.tolist() == [[0, 0], c.block_table(0)]
+    assert c.block_table_tensor([1]).tolist() == [[0]]
+
+
+def test_chain_hash_names_the_whole_prefix():
+    """Other parents give other hashes (the chain names the prefix, not just the block), and
+    the same prefix hashes the same in every process (a disk or peer tier can use it)."""
+    import subprocess
+    import sys
+    root = chain_hash(None, (1, 2))
+    assert len({root, chain_hash(root, (1, 2)), chain_hash(root + 1, (1, 2))}) == 3
+    here = os.path.dirname(os.path.abspath(cache_mod.__file__))
+    other = subprocess.run([sys.executable, "-c", "from cache import chain_hash; "
+                            "print(chain_hash(None, (1, 2)))"], capture_output=True, text=True,
+                           check=True, cwd=here)
+    assert int(other.stdout) == root
+
+
+def test_blocks_for_budget_is_exact_for_any_size():
+    # 8 bytes a token, one-token blocks: 2**60 - 1 bytes hold 2**57 - 1 blocks, not 2**57
+    assert blocks_for_budget((1 << 60) - 1, 1, 1, 1, 1, torch.float32) == (1 << 57) - 1
+
+
+def broken_states():
+    """(name, corruption, message): each corruption of a consistent pool that check_invariants
+    must name. The pool: sequence 0 holds 1..5 (two full hashed blocks and a partial one), a
+    freed sequence left [6, 7] cached, sequence 2 is a whole-prompt hit on 0's first four
+    tokens (3 tokens computed, 2 blocks mapped) and sequence 3 holds 1..4 in its own blocks."""
+    def pool():
+        one = KVCache(1, 1, 1, n_blocks=4, block_size=1)  # with one-token blocks, a
+        one.append(0, [1, 2])                             # whole-prompt hit holds one block
+        assert one.share_prefix(1, [1, 2]) == 1           # more than its tokens need
+        one.check_invariants()
+        c = KVCache(1, 1, 1, n_blocks=8, block_size=2)
+        c.append(0, [1, 2, 3, 4, 5])
+        c.append(1, [6, 7])
+        c.free(1)
+        assert c.share_prefix(2, [1, 2, 3, 4]) == 3
+        c.append(3, [1, 2, 3, 4])  # the same tokens again, in blocks of its own
+        c.mark_written()
+        c.check_invariants()  # the whole-prompt hit is a legal state
+        return c
+    t = lambda c: c.block_table(0)  # noqa: E731
+    cached = lambda c: next(iter(c.cached_free))  # noqa: E731
+    free = lambda c: c.free_blocks[0]  # noqa: E731
+    return pool, [
+        ("refs", lambda c: c.ref_counts.__setitem__(t(c)[2], 2),
+         "reference counts differ from block-table references"),
+        ("free twice", lambda c: c.free_blocks.append(free(c)), "a block is free twice"),
+        ("free and used", lambda c: c.free_blocks.append(t(c)[2]), "a block is both free and used"),
+        ("lost", lambda c: c.free_blocks.popleft(), "a block is lost"),
+        ("stale entry", lambda c: c.block_hash.__setitem__(t(c)[0], 5),
+         r"hash entry of block \d+ is stale"),
+        ("tokens", lambda c: c.block_tokens.__setitem__(t(c)[0], (9, 9)),
+         r"block \d+ does not hash to its entry"),
+        ("parent", lambda c: c.block_origin.__setitem__(t(c)[1], (cached(c),
+                                                                   c.generation[cached(c)])),
+         r"block \d+ is chained on a hash its parent does not have"),
+        ("cached unhashed", lambda c: c.hash_to_block.pop(c.block_hash[cached(c)]),
+         r"cached block \d+ unhashed"),
+        ("free hashed", lambda c: c.block_hash.__setitem__(free(c), 7),
+         r"free block \d+ keeps a hash"),
+        ("leftovers", lambda c: c.block_tokens.__setitem__(free(c), (1, 2)),
+         r"unhashed block \d+ keeps what its hash stood for"),
+        ("unwritten", lambda c: c.unwritten.add(free(c)), r"unwritten block \d+ is not hashed"),
+        ("tables", lambda c: c.seq_tokens.__setitem__(9, []), "tables and tokens disagree"),
+        ("length", lambda c: c.seq_tokens[0].pop(), "sequence 0 has 3 blocks for 4 tokens"),
+        ("length", lambda c: c.seq_tokens[0].__delitem__(slice(3, None)),
+         "sequence 0 has 3 blocks for 3 tokens"),
+        ("length", lambda c: c.seq_tokens[0].extend([6, 7]),
+         "sequence 0 has 3 blocks for 7 tokens"),
+        ("contents", lambda c: c.seq_tokens[0].__setitem__(3, 9),
+         r"block \d+ of sequence 0 holds other tokens"),
+        ("contents", lambda c: c.seq_tokens[2].__setitem__(0, 9),
+         r"block \d+ of sequence 2 holds other tokens"),
+        ("contents", lambda c: c.seq_tokens[3].__setitem__(3, 9),
+         r"block \d+ of sequence 3 holds other tokens"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(broken_states()[1])))
+def test_check_invariants_names_each_corruption(i):
+    """The bookkeeping check is the oracle of most tests here: each way of corrupting a pool
+    fails it, with a message saying what broke."""
+    pool, cases = broken_states()
+    name, corrupt, message = cases[i]
+    c = pool()
+    corrupt(c)
+    with pytest.raises(AssertionError, match=f"^{message}(\n|$)"):  # the whole message
+        c.check_invariants()
+
+
+def test_freeing_an_unknown_sequence_changes_nothing():
+    c = KVCache(1, 1, 1, n_blocks=4, block_size=2)
+    c.append(0, [1, 2, 3])
+    c.free(7)
+    assert c.seq_lens == {0: 3} and c.n_free_blocks == 2
+    c.check_invariants()
+
+
 # ------------------------------------------------------------------------------------------
 # quantized pools and memory planning
 
@@ -426,7 +653,7 @@ def test_copy_on_write_copies_the_scales():
 
 @pytest.mark.parametrize("text, want", [
     ("2GiB", 2 << 30), ("512 MiB", 512 << 20), ("1.5GB", 1_500_000_000), ("4096KiB", 4 << 20),
-    ("1048576", 1 << 20), (1 << 20, 1 << 20)])
+    ("1048576", 1 << 20), (1 << 20, 1 << 20), ("1B", 1), ("1.9 b", 1)])
 def test_parse_budget_sizes(text, want):
     assert parse_budget(text) == want
 
@@ -450,7 +677,23 @@ def test_parse_budget_rejects_other_types(bad):
         parse_budget(bad)
 
 
-def test_a_budget_beyond_memory_is_refused_with_what_fits():
+def test_parse_budget_names_the_empty_budget():
+    with pytest.raises(ValueError, match=r"KV budget '0\.4 B' is empty"):
+        parse_budget(" 0.4 B ")
+
+
+def test_a_budget_beyond_memory_is_refused_with_what_fits(monkeypatch):
     with pytest.raises(ValueError, match=r"more than the [0-9.]+ GiB of memory available"):
         KVCache.from_budget("100TiB", 16, 2, 2, 8, max_seq_len=64)
     assert KVCache.from_budget("1MiB", 16, 2, 2, 8, max_seq_len=16).n_blocks == 64  # the cap
+    import cache as cache_mod
+    monkeypatch.setattr(cache_mod, "free_memory", lambda device: 3 << 30)
+    with pytest.raises(ValueError, match=r"a KV budget of 3\.50 GiB is more than the 3\.00 GiB"):
+        KVCache.from_budget("3.5GiB", 16, 2, 2, 8, max_seq_len=64)
+    assert KVCache.from_budget("3GiB", 16, 2, 2, 8, max_seq_len=64).n_blocks == 64 * 4  # all of it
+    assert KVCache.from_budget(0.5, 16, 2, 2, 8, max_seq_len=64).n_blocks == 64 * 4
+
+
+def test_a_budget_smaller_than_a_block_still_gives_one():
+    # 30 layers x 3 heads x 64 x 4 bytes x 2 x 16 slots = 1.4 MiB a block: 1 MiB holds none
+    assert KVCache.from_budget("1MiB", 16, 30, 3, 64, max_seq_len=2048).n_blocks == 1
