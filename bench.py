@@ -9,6 +9,7 @@ configuration with its conditions, and the machine it ran on.
     python bench.py throughput # 64 random requests: continuous batching vs transformers
     python bench.py capacity   # sequences that fit a KV budget, with and without sharing
     python bench.py kernels    # GPU: Triton decode GB/s and prefill TFLOP/s vs torch SDPA
+    python bench.py kernels --compile-only  # no GPU: every kernel compiled for sm_80..sm_90
     python bench.py memory     # KV bytes/token, blocks, sequences that fit: models x kv dtypes
     python bench.py accuracy   # int8 / fp8 KV cache vs fp32: perplexity, greedy agreement
     python bench.py speculative  # prompt-lookup speculation vs plain decoding; verify cost
@@ -29,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cache import QUANTIZED_DTYPES, KVCache
 from generate import LLM, SamplingParams, Scheduler
 from speculative import Speculator
 
@@ -477,9 +479,233 @@ def paged_pool(n_seq, n_ctx, n_kv, d, block_size, dtype, device, g):
     return k_cache, v_cache, meta
 
 
+# ------------------------------------------------------------------------------------------
+# ahead of time: every kernel compiled for GPUs this machine need not have
+
+# compute capability -> (examples, shared memory a block may use, multiprocessors)
+AOT_TARGETS = {80: ("A100", 166912, 108), 86: ("RTX 30xx", 101376, 84),
+               89: ("L4, RTX 40xx", 101376, 58), 90: ("H100/H200", 232448, 132)}
+# (H, K, D) of the models that matter, a 7:1 group, and a head dim that is not a power of two
+AOT_SHAPES = {"gpt2-124m": (12, 12, 64), "smollm2-135m": (9, 3, 64),
+              "llama3-8b": (32, 8, 128), "llama3-70b": (64, 8, 128), "7:1 d128": (56, 8, 128),
+              "d80": (16, 4, 80)}
+# the sweep the test suite runs (under a minute on two cores), and the full one
+AOT_QUICK = {"targets": [80, 90], "shapes": ["smollm2-135m", "llama3-8b"], "dtypes": ["bf16"],
+             "kv": ["auto", "int8", "fp8"], "block_sizes": [16]}
+AOT_FULL = {"targets": sorted(AOT_TARGETS), "shapes": list(AOT_SHAPES),
+            "dtypes": ["fp32", "fp16", "bf16"], "kv": ["auto", "int8", "fp8"],
+            "block_sizes": [16, 32]}
+FP8_FROM = 89  # compute capability of the first GPUs with fp8 (kv_storage_dtype refuses older)
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                torch.int8: "i8", torch.int32: "i32", torch.int64: "i64",
+                torch.float8_e4m3fn: "fp8e4nv"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def captured_launches(n_head, n_kv, d, dtype, kv_dtype, block_size, n_sm):
+    """The kernel launches the engine's launchers make for one layer of this shape, captured
+    instead of run (on CPU tensors: only the host code runs): a two-sequence prefill (store,
+    attention) and a decode step of four sequences at a 4k context. [(kernel, args, kwargs)]"""
+    from model import kernels
+    calls = []
+
+    class Capture:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
+    names = ["_store_kv_kernel", "_prefill_attention_kernel", "_decode_attention_kernel",
+             "_merge_splits_kernel", "n_multiprocessors"]
+    saved = {name: getattr(kernels, name) for name in names}
+    try:
+        for name in names[:-1]:
+            setattr(kernels, name, Capture(saved[name]))
+        kernels.n_multiprocessors = lambda device: n_sm
+        ctx = 4096
+        pool = KVCache(1, n_kv, d, n_blocks=4 * ctx // block_size, block_size=block_size,
+                       dtype=dtype if kv_dtype == "auto" else QUANTIZED_DTYPES[kv_dtype])
+        k_cache, v_cache, scales = pool.layers[0]
+        tables = torch.arange(pool.n_blocks).view(4, -1)
+        k = torch.zeros(24, n_kv, d, dtype=dtype)
+        prefill = kernels.AttnMeta.paged(list(range(24)), tables[:2], [16, 8], [0, 16, 24],
+                                         pool.pool_shape)
+        kernels.store_kv_triton(k, k, k_cache, v_cache, prefill, scales)
+        q = torch.zeros(24, n_head, d, dtype=dtype)
+        kernels.prefill_attention_triton(q, k_cache, v_cache, prefill, d ** -0.5, scales)
+        decode = kernels.AttnMeta.paged([ctx - 1] * 4, tables, [ctx] * 4, range(5),
+                                        pool.pool_shape)
+        kernels.decode_attention_triton(q[:4], k_cache, v_cache, decode, d ** -0.5, scales)
+    finally:
+        for name, value in saved.items():
+            setattr(kernels, name, value)
+    return calls
+
+
+def compile_for(kernel, args, kwargs, cc):
+    """triton.compile of one captured launch for compute capability cc (no GPU needed): the
+    launch's tensors become typed pointers, its ints i32 (i64 past 2^31), its keywords
+    constexprs or compile options."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature, constexprs = {}, {}
+    for name, a in zip(kernel.arg_names, args):
+        if isinstance(a, torch.Tensor):
+            signature[name] = "*" + TRITON_TYPES[a.dtype]
+        elif isinstance(a, bool):
+            signature[name] = "i1"
+        elif isinstance(a, int):
+            signature[name] = "i64" if abs(a) >= 1 << 31 else "i32"
+        elif isinstance(a, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}: argument {name} is a {type(a).__name__}")
+    options = {k: v for k, v in kwargs.items() if k in LAUNCH_OPTIONS}
+    for name, value in kwargs.items():
+        if name not in LAUNCH_OPTIONS:
+            signature[name], constexprs[name] = "constexpr", value
+    return triton.compile(ASTSource(kernel, signature, constexprs),
+                          target=GPUTarget("cuda", cc, 32), options=options)
+
+
+def resource_usage(compiled) -> dict:
+    """Registers and spilled bytes per thread of a compiled kernel, from the cubin by the
+    cuobjdump inside the triton wheel (what ptxas allocated)."""
+    import re
+    import tempfile
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
+    return {"registers": int(fields["REG"]),
+            "spills": int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))}
+
+
+def dot_instruction(compiled) -> str:
+    """The matrix instruction the kernel's tl.dot became: wgmma (Hopper), mma (Ampere on), or
+    fma (scalar: fp32 inputs kept in full precision by dot_precision, or a fallback)."""
+    ptx = compiled.asm["ptx"]
+    return "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "fma"
+
+
+DOT_KERNELS = ("_prefill_attention_kernel", "_decode_attention_kernel")
+
+
+def compile_sweep(plan, log=print) -> list[dict]:
+    """Every distinct launch of the plan's configurations, compiled for each of its targets:
+    one dict per (launch, target), with what the compiler reports."""
+    results, seen = [], set()
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    for cc in plan["targets"]:
+        _, shared_limit, n_sm = AOT_TARGETS[cc]
+        for shape in plan["shapes"]:
+            n_head, n_kv, d = AOT_SHAPES[shape]
+            for dname in plan["dtypes"]:
+                for kv in plan["kv"]:
+                    if kv == "fp8" and cc < FP8_FROM:
+                        continue  # refused on such a GPU (kv_storage_dtype)
+                    for block_size in plan["block_sizes"]:
+                        launches = captured_launches(n_head, n_kv, d, dtypes[dname], kv,
+                                                     block_size, n_sm)
+                        for kernel, args, kwargs in launches:
+                            key = (cc, kernel.__name__, tuple(
+                                TRITON_TYPES.get(getattr(a, "dtype", None), type(a).__name__)
+                                for a in args), tuple(sorted(kwargs.items())))
+                            if key in seen:  # the same binary as a row already made
+                                continue
+                            seen.add(key)
+                            r = {"target": f"sm_{cc}", "kernel": kernel.__name__.strip("_"),
+                                 "shape": shape, "dtype": dname, "kv": kv,
+                                 "block_size": block_size, "shared_limit": shared_limit}
+                            try:
+                                compiled = compile_for(kernel, args, kwargs, cc)
+                            except Exception as e:  # noqa: BLE001 (reported, not hidden)
+                                r.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+                            else:
+                                r.update(ok=True, shared=compiled.metadata.shared,
+                                         warps=compiled.metadata.num_warps,
+                                         instruction=dot_instruction(compiled)
+                                         if kernel.__name__ in DOT_KERNELS else "-",
+                                         **resource_usage(compiled))
+                            results.append(r)
+                            log(r)
+    return results
+
+
+def expected_instruction(r) -> str:
+    """What a 16-bit tl.dot must become: wgmma for the prefill tiles on Hopper (64 query rows
+    and more), mma.sync elsewhere (decode tiles have 16 rows, below wgmma's 64)."""
+    return "wgmma" if r["target"] == "sm_90" and r["kernel"].startswith("prefill") else "mma"
+
+
+def compile_problems(results) -> tuple[list[str], list[str]]:
+    """(problems, spills): what the sweep must not show (a failed compile, shared memory over
+    the target's limit, a 16-bit tl.dot that is not the expected matrix instruction), and the
+    attention kernels that spill registers (reported; not yet all removed)."""
+    bad, spills = [], []
+    for r in results:
+        name = f"{r['kernel']} {r['target']} {r['shape']} {r['dtype']} kv={r['kv']} " \
+               f"P={r['block_size']}"
+        if not r["ok"]:
+            bad.append(f"{name}: {r['error']}")
+            continue
+        if r["shared"] > r["shared_limit"]:
+            bad.append(f"{name}: {r['shared']} bytes of shared memory, limit {r['shared_limit']}")
+        if r["instruction"] != "-" and r["dtype"] != "fp32" and \
+                r["instruction"] != expected_instruction(r):
+            bad.append(f"{name}: tl.dot became {r['instruction']}, not {expected_instruction(r)}")
+        if r["kernel"].endswith("attention_kernel") and r["spills"]:
+            spills.append(f"{name}: {r['spills']} bytes spilled")
+    return bad, spills
+
+
+def bench_compile(args):
+    """bench.py kernels --compile-only: the compile table (no GPU needed)."""
+    from model import kernels
+    if kernels.triton is None:
+        raise ValueError("bench.py kernels --compile-only needs the triton package (Linux only)")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise ValueError("the ahead-of-time compile needs real Triton: unset TRITON_INTERPRET")
+    import json
+    import triton
+    plan = dict(AOT_QUICK if args.quick else AOT_FULL)
+    plan["targets"] = args.targets or plan["targets"]
+    print(f"\nTriton kernels compiled ahead of time ({'quick' if args.quick else 'full'} sweep): "
+          f"triton {triton.__version__}, commit {commit()}, machine {machine()}\n")
+    row("target", "kernel", "shape", "dtype", "kv", "P", "ok", "shared B", "warps", "registers",
+        "spills B", "instruction")
+    row(*["---"] * 12)
+    t0 = time.perf_counter()
+
+    def show(r):
+        row(r["target"], r["kernel"], r["shape"], r["dtype"], r["kv"], r["block_size"],
+            "ok" if r["ok"] else "FAIL", r.get("shared", "-"), r.get("warps", "-"),
+            r.get("registers", "-"), r.get("spills", "-"), r.get("instruction", r.get("error")))
+    results = compile_sweep(plan, log=show)
+    problems, spills = compile_problems(results)
+    print(f"\n{len(results)} compiles in {time.perf_counter() - t0:.0f} s; {len(problems)} "
+          f"problems; {len(spills)} attention kernels spill registers")
+    for p in problems + spills:
+        print("  " + p)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"plan": plan, "results": results, "problems": problems,
+                       "spills": spills}, f, indent=1)
+    if problems:
+        raise ValueError(f"{len(problems)} compile problems (listed above)")
+
+
 def bench_kernels(args):
     """Peers in the same run: torch SDPA on contiguous K/V (the flash backend for prefill),
     with and without the gather that turns the paged pool into contiguous tensors."""
+    if args.compile_only:
+        return bench_compile(args)
     from model import kernels
     if kernels.triton is None:
         raise ValueError("bench.py kernels needs the triton package (Linux only)")
@@ -666,6 +892,13 @@ def main(argv=None):
     ap.add_argument("--kernel-prefill", type=int, nargs="+", default=[1024, 4096, 16384],
                     help="prefill tokens (kernels)")
     ap.add_argument("--copy-mib", type=int, default=1024, help="copy-bandwidth buffer (kernels)")
+    ap.add_argument("--compile-only", action="store_true", help="kernels: compile every kernel "
+                    "for GPU targets ahead of time (no GPU needed) and print the table")
+    ap.add_argument("--quick", action="store_true", help="kernels --compile-only: the subset "
+                    "the test suite compiles (default: every shape, dtype, kv dtype, block size)")
+    ap.add_argument("--targets", type=int, nargs="+", choices=sorted(AOT_TARGETS),
+                    help="kernels --compile-only: compute capabilities (default: 80 86 89 90)")
+    ap.add_argument("--json", default="", help="kernels --compile-only: also write the results")
     ap.add_argument("--memory-budget", default="16GiB", help="KV budget (memory)")
     ap.add_argument("--context", type=int, default=4096, help="tokens per sequence (memory)")
     ap.add_argument("--agree-new", type=int, default=128,

@@ -367,3 +367,41 @@ def test_triton_attention_over_a_quantized_cache_matches_reference(qdtype, dtype
            out=out)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.cpu().double(), torch.cat(want), rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------------------------------
+# ahead of time: the kernels compiled for real GPUs, without one
+
+
+@needs_triton
+def test_every_kernel_compiles_for_gpus_ahead_of_time(tmp_path):
+    """bench.py's quick compile sweep: every kernel, as its launcher really calls it, compiled
+    for sm_80 and sm_90 (bf16, KV in bf16 / int8 / fp8, GPT-class shapes) by the compiler and
+    ptxas inside the triton wheel. Each compiles, fits the target's shared memory, and its
+    tl.dot is a matrix instruction (wgmma for Hopper prefill, mma.sync elsewhere). In a
+    subprocess: this process runs Triton's interpreter, and the compiler needs real Triton."""
+    import json
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(kernels.__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "compile.json"
+    run = subprocess.run([sys.executable, "bench.py", "kernels", "--compile-only", "--quick",
+                          "--json", str(out)], cwd=here, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert report["problems"] == []
+    seen = {(r["target"], r["kernel"], r["kv"]) for r in rows}
+    for target in ("sm_80", "sm_90"):
+        assert (target, "merge_splits_kernel", "auto") in seen  # one binary for every kv
+        for kernel in ("store_kv_kernel", "prefill_attention_kernel", "decode_attention_kernel"):
+            for kv in ("auto", "int8") + (("fp8",) if target == "sm_90" else ()):
+                assert (target, kernel, kv) in seen
+    assert {r["instruction"] for r in rows if r["kernel"].startswith("prefill") and
+            r["target"] == "sm_90"} == {"wgmma"}
+    assert {r["instruction"] for r in rows if r["kernel"].startswith("decode")} == {"mma"}
+    assert all(0 < r["shared"] <= r["shared_limit"] for r in rows
+               if r["kernel"].endswith("attention_kernel"))
