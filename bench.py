@@ -677,7 +677,7 @@ def bench_compile(args):
     plan = dict(AOT_QUICK if args.quick else AOT_FULL)
     plan["targets"] = args.targets or plan["targets"]
     print(f"\nTriton kernels compiled ahead of time ({'quick' if args.quick else 'full'} sweep): "
-          f"triton {triton.__version__}, commit {commit()}, machine {machine()}\n")
+          f"triton {triton.__version__}, machine {machine()}\n")
     row("target", "kernel", "shape", "dtype", "kv", "P", "ok", "shared B", "warps", "registers",
         "spills B", "instruction")
     row(*["---"] * 12)

@@ -397,7 +397,8 @@ class Scheduler:
             assert self.cache.seq_len(s.id) == s.n_computed, \
                 f"sequence {s.id}: {self.cache.seq_len(s.id)} tokens cached, {s.n_computed} computed"
         for s in self.waiting:
-            assert s.id not in self.cache.block_tables, f"waiting sequence {s.id} holds blocks"
+            assert s.id not in self.cache.block_tables and s.n_computed == 0, \
+                f"waiting sequence {s.id} holds blocks or computed tokens"
 
 
 # ------------------------------------------------------------------------------------------

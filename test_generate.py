@@ -101,11 +101,35 @@ def test_preempted_and_chunked_equal_unconstrained(tiny_dir, prompts, n_blocks, 
     assert tight.cache.n_free_blocks == n_blocks
 
 
-def test_tight_pool_really_preempts(tiny_dir):
+def test_tight_pool_really_preempts(tiny_dir, monkeypatch):
+    """Preemptions happen, are counted one by one, and every request still completes."""
     llm = LLM(str(tiny_dir("llama")), dtype="float32", block_size=4, n_blocks=10)
+    preempted = []
+    preempt = Scheduler.preempt
+    monkeypatch.setattr(Scheduler, "preempt", lambda self, seq: (preempted.append(seq.id),
+                                                                 preempt(self, seq)))
     outs = llm.generate([[5] * 10, [6] * 10, [7] * 10], SamplingParams(max_new_tokens=20,
                                                                        ignore_eos=True))
-    assert llm.n_preemptions > 0 and all(len(o.token_ids) == 20 for o in outs)
+    assert llm.n_preemptions == len(preempted) > 0
+    assert all(len(o.token_ids) == 20 for o in outs)
+
+
+def test_every_step_fills_the_token_budget_and_no_more(engine, monkeypatch):
+    """A step schedules at most max_batch_tokens tokens, and exactly that many whenever a
+    request is left waiting (the pool is ample here: only the budget holds it back)."""
+    llm = engine("llama", max_batch_tokens=5)
+    steps = []
+    schedule = Scheduler.schedule
+
+    def recorded(self):
+        batch = schedule(self)
+        steps.append((sum(b.n_tokens for b in batch), len(self.waiting)))
+        return batch
+    monkeypatch.setattr(Scheduler, "schedule", recorded)
+    llm.generate([[3] * 3, [4] * 7, [5] * 2, [6] * 9], SamplingParams(max_new_tokens=4,
+                                                                      ignore_eos=True))
+    assert all(n <= 5 for n, _ in steps)
+    assert all(n == 5 for n, waiting in steps if waiting) and any(w for _, w in steps)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
