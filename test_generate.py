@@ -481,6 +481,32 @@ def test_forked_samples_equal_each_sample_alone(engine, seed, n, prompt_len):
     assert llm.cache.n_free_blocks == llm.cache.n_blocks
 
 
+def test_without_a_cache_every_step_recomputes_every_token(engine):
+    seqs = engine("llama").make_sequences([[1, 2, 3], [4, 5]], SamplingParams())
+    sched = Scheduler(None, 64)
+    sched.add(seqs)
+    assert [(b.seq, b.n_tokens, b.slots) for b in sched.schedule()] == \
+        [(seqs[0], 3, None), (seqs[1], 2, None)]
+
+
+def test_forks_run_right_after_their_parent(engine, monkeypatch):
+    """A prompt's other samples join the running list right behind it, in order: they are as
+    old as their parent (preempted after it, never before)."""
+    placed = []
+    start_forks = Scheduler.start_forks
+
+    def recorded(self, parent):
+        children = start_forks(self, parent)
+        if children:
+            at = self.running.index(parent)
+            placed.append(self.running[at + 1:at + 1 + len(children)] == children)
+        return children
+    monkeypatch.setattr(Scheduler, "start_forks", recorded)
+    outs = engine("gpt2").generate([[7, 7], [1, 2, 3]], SamplingParams(
+        max_new_tokens=3, temperature=1.0, seed=0, n=3, ignore_eos=True))
+    assert len(outs) == 6 and placed == [True, True]
+
+
 def test_many_requests_complete_in_a_small_pool(tiny_dir):
     """Hundreds of requests through a pool that holds a handful: none lost, all correct."""
     llm = LLM(str(tiny_dir("llama")), dtype="float32", block_size=4, n_blocks=16,
