@@ -489,6 +489,20 @@ def test_without_a_cache_every_step_recomputes_every_token(engine):
         [(seqs[0], 3, None), (seqs[1], 2, None)]
 
 
+def test_scheduler_check_sees_a_waiting_sequence_with_blocks(engine):
+    llm = engine("llama")
+    [seq] = llm.make_sequences([[1, 2, 3]], SamplingParams())
+    sched = Scheduler(llm.cache, 64)
+    sched.add([seq])
+    sched.check_invariants()
+    llm.cache.append(seq.id, [1, 2, 3])  # blocks for a sequence that never ran: a leak
+    try:
+        with pytest.raises(AssertionError, match=f"waiting sequence {seq.id} holds blocks"):
+            sched.check_invariants()
+    finally:
+        llm.cache.free(seq.id)
+
+
 def test_forks_run_right_after_their_parent(engine, monkeypatch):
     """A prompt's other samples join the running list right behind it, in order: they are as
     old as their parent (preempted after it, never before)."""
