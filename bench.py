@@ -20,6 +20,7 @@ shared CPU are noisy: compare the ratios of rows measured in the same run, and r
 """
 import argparse
 import dataclasses
+import itertools
 import os
 import platform
 import statistics
@@ -542,13 +543,9 @@ def captured_launches(n_head, n_kv, d, dtype, kv_dtype, block_size, n_sm):
     return calls
 
 
-def compile_for(kernel, args, kwargs, cc):
-    """triton.compile of one captured launch for compute capability cc (no GPU needed): the
-    launch's tensors become typed pointers, its ints i32 (i64 past 2^31), its keywords
-    constexprs or compile options."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def launch_signature(kernel, args, kwargs) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, options) of one captured launch: its tensors become typed
+    pointers, its ints i32 (i64 past 2^31), its keywords constexprs or compile options."""
     signature, constexprs = {}, {}
     for name, a in zip(kernel.arg_names, args):
         if isinstance(a, torch.Tensor):
@@ -565,6 +562,14 @@ def compile_for(kernel, args, kwargs, cc):
     for name, value in kwargs.items():
         if name not in LAUNCH_OPTIONS:
             signature[name], constexprs[name] = "constexpr", value
+    return signature, constexprs, options
+
+
+def compile_for(kernel, signature, constexprs, options, cc):
+    """triton.compile of one launch for compute capability cc: no GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
     return triton.compile(ASTSource(kernel, signature, constexprs),
                           target=GPUTarget("cuda", cc, 32), options=options)
 
@@ -602,39 +607,33 @@ def compile_sweep(plan, log=print) -> list[dict]:
     one dict per (launch, target), with what the compiler reports."""
     results, seen = [], set()
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    for cc in plan["targets"]:
+    for cc, shape, dname, kv, block_size in itertools.product(
+            plan["targets"], plan["shapes"], plan["dtypes"], plan["kv"], plan["block_sizes"]):
+        if kv == "fp8" and cc < FP8_FROM:
+            continue  # refused on such a GPU (kv_storage_dtype)
         _, shared_limit, n_sm = AOT_TARGETS[cc]
-        for shape in plan["shapes"]:
-            n_head, n_kv, d = AOT_SHAPES[shape]
-            for dname in plan["dtypes"]:
-                for kv in plan["kv"]:
-                    if kv == "fp8" and cc < FP8_FROM:
-                        continue  # refused on such a GPU (kv_storage_dtype)
-                    for block_size in plan["block_sizes"]:
-                        launches = captured_launches(n_head, n_kv, d, dtypes[dname], kv,
-                                                     block_size, n_sm)
-                        for kernel, args, kwargs in launches:
-                            key = (cc, kernel.__name__, tuple(
-                                TRITON_TYPES.get(getattr(a, "dtype", None), type(a).__name__)
-                                for a in args), tuple(sorted(kwargs.items())))
-                            if key in seen:  # the same binary as a row already made
-                                continue
-                            seen.add(key)
-                            r = {"target": f"sm_{cc}", "kernel": kernel.__name__.strip("_"),
-                                 "shape": shape, "dtype": dname, "kv": kv,
-                                 "block_size": block_size, "shared_limit": shared_limit}
-                            try:
-                                compiled = compile_for(kernel, args, kwargs, cc)
-                            except Exception as e:  # noqa: BLE001 (reported, not hidden)
-                                r.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
-                            else:
-                                r.update(ok=True, shared=compiled.metadata.shared,
-                                         warps=compiled.metadata.num_warps,
-                                         instruction=dot_instruction(compiled)
-                                         if kernel.__name__ in DOT_KERNELS else "-",
-                                         **resource_usage(compiled))
-                            results.append(r)
-                            log(r)
+        n_head, n_kv, d = AOT_SHAPES[shape]
+        for kernel, args, kwargs in captured_launches(n_head, n_kv, d, dtypes[dname], kv,
+                                                      block_size, n_sm):
+            launch = launch_signature(kernel, args, kwargs)
+            key = (cc, kernel.__name__, *(tuple(part.items()) for part in launch))
+            if key in seen:  # the same binary as a row already made
+                continue
+            seen.add(key)
+            r = {"target": f"sm_{cc}", "kernel": kernel.__name__.strip("_"), "shape": shape,
+                 "dtype": dname, "kv": kv, "block_size": block_size,
+                 "shared_limit": shared_limit}
+            try:
+                compiled = compile_for(kernel, *launch, cc)
+            except Exception as e:  # noqa: BLE001 (reported, not hidden)
+                r.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+            else:
+                r.update(ok=True, shared=compiled.metadata.shared,
+                         warps=compiled.metadata.num_warps,
+                         instruction=dot_instruction(compiled)
+                         if kernel.__name__ in DOT_KERNELS else "-", **resource_usage(compiled))
+            results.append(r)
+            log(r)
     return results
 
 
