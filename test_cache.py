@@ -4,8 +4,8 @@ truncate / free / failed-pass sequences (with evictions, since the pool is small
 model of what each sequence holds. The pool stores each token's id as its "K" value (and another
 function of it as "V"), so the test checks not just the bookkeeping but the contents: every
 sequence reads back exactly its own tokens through its block table, whatever was shared, copied,
-evicted or reused. Half the runs use a block hash that collides often, so the token re-check of a
-hash hit is exercised too. The events each run reached are counted by hypothesis:
+evicted or reused. Two runs in three use a block hash of two or four values, so the token re-check
+of a hash hit is exercised too. The events each run reached are counted by hypothesis:
     pytest test_cache.py -k BlockManager --hypothesis-show-statistics
 """
 import os
@@ -20,6 +20,7 @@ from cache import (CacheFull, KVCache, blocks_for_budget, bytes_per_token, chain
                    kv_storage_dtype, parse_budget)
 
 TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=12)  # a tiny alphabet: many hits
+A_FEW = st.lists(st.integers(0, 2), min_size=1, max_size=4)  # one forward pass's worth
 
 
 def expected_kv(tokens):
@@ -32,9 +33,10 @@ def expected_kv(tokens):
     return [float(t) for t in tokens], vs
 
 
-class CollidingCache(KVCache):
-    """A pool whose block hash has eight values: many hash hits are collisions."""
-    chain_hash = staticmethod(lambda parent, tokens: chain_hash(parent, tokens) % 8)
+def colliding_cache(n_values):
+    """A pool class whose block hash has n_values values: many hash hits are collisions."""
+    return type(f"CollidingCache{n_values}", (KVCache,), {
+        "chain_hash": staticmethod(lambda parent, tokens: chain_hash(parent, tokens) % n_values)})
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
@@ -48,19 +50,22 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.reached.add(name)
 
     @initialize(data=st.data(), block_size=st.sampled_from([1, 2, 4]),
-                n_blocks=st.integers(3, 8), collide=st.sampled_from([True, True, False]),
+                n_blocks=st.integers(3, 8), collide=st.sampled_from([2, 4, None]),
                 prompts=st.lists(TOKENS, min_size=1, max_size=3))
     def make_pool(self, data, block_size, n_blocks, collide, prompts):
-        """A small pool (so it fills up: evictions), two thirds of the time with the colliding
-        hash, holding a few sequences (one forked) from the start, so that every run has
-        something to share, copy, evict and truncate."""
-        self.cache = (CollidingCache if collide else KVCache)(
+        """A small pool (so it fills up: evictions), two thirds of the time with a colliding
+        hash, holding a few sequences (one forked, one truncated) and a failed pass from the
+        start, so that every run has something to share, copy, evict and truncate, and every
+        operation is reached even in a run whose rules the search draws all alike."""
+        self.cache = (colliding_cache(collide) if collide else KVCache)(
             n_layer=1, n_kv_head=1, head_dim=1, n_blocks=n_blocks, block_size=block_size)
         if collide:
             self.reach("colliding hash")
         for tokens in prompts:
             self.start(data, tokens)
         self.fork(data)
+        self.truncate(data)
+        self.failed_pass(data, data.draw(A_FEW))
 
     def write(self, slots, seq):
         """What the model's forward would do: K/V of the last len(slots) tokens of seq into the
@@ -152,17 +157,24 @@ class BlockManagerMachine(RuleBasedStateMachine):
             if data.draw(st.booleans()):  # drafted tokens, some rejected: roll them back
                 self.roll_back(sid, data.draw(st.integers(1, len(tokens))))
         else:  # the pool is full: preempt a sequence, as the scheduler would
-            victim = data.draw(st.sampled_from(sorted(self.model)))
-            self.cache.free(victim)
-            del self.model[victim]
+            self.preempt(data, sid)
 
-    @rule(data=st.data(), tokens=st.lists(st.integers(0, 2), min_size=1, max_size=4))
+    def preempt(self, data, sid):
+        """Free a sequence to make room for sid's tokens (sid itself, at times)."""
+        victim = data.draw(st.sampled_from(sorted(self.model)))
+        self.cache.free(victim)
+        del self.model[victim]
+
+    @rule(data=st.data(), tokens=A_FEW)
     def failed_pass(self, data, tokens):
         """Slots reserved, then the forward pass fails before writing them: the request is
         dropped and the cache forgets what the pass was to write (a later prefix hit on it
         would read garbage, which `consistent` catches)."""
         sid = self.pick(data)
-        if sid is None or not self.cache.can_append(sid, len(tokens)):
+        while sid is not None and not self.cache.can_append(sid, len(tokens)):
+            self.preempt(data, sid)  # make room, as the scheduler would
+            sid = self.pick(data) if sid not in self.model else sid
+        if sid is None:
             return
         self.cache.append(sid, tokens)
         self.reach("failed pass")

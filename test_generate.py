@@ -503,6 +503,56 @@ def test_scheduler_check_sees_a_waiting_sequence_with_blocks(engine):
         llm.cache.free(seq.id)
 
 
+def step(sched):
+    """One scheduler step with the forward pass simulated: each scheduled sequence computes
+    its tokens, and one that has computed all it holds samples token 0 next."""
+    batch = sched.schedule()
+    for seq, n, _ in batch:
+        seq.n_computed += n
+        if seq.n_computed == len(seq.tokens):
+            seq.tokens.append(0)
+    sched.check_invariants()
+    return [(s.id, n) for s, n, _ in batch]
+
+
+def test_a_full_pool_preempts_no_one_who_has_room(engine):
+    """Two sequences fill a two-block pool, each with room left in its block: they decode on
+    side by side until one needs a block that does not exist, and only then is the newer one
+    preempted."""
+    from cache import KVCache
+    a, b = engine("llama").make_sequences([[1, 2], [3, 4]], SamplingParams())
+    sched = Scheduler(KVCache(1, 1, 4, n_blocks=2, block_size=4), 64)
+    sched.add([a, b])
+    assert step(sched) == [(a.id, 2), (b.id, 2)]
+    assert sched.cache.n_free_blocks == 0
+    for _ in range(2):  # positions 2 and 3 fit in each one's own block
+        assert step(sched) == [(a.id, 1), (b.id, 1)]
+    assert sched.n_preemptions == 0
+    assert step(sched) == [(a.id, 1)]  # position 4 needs a fifth slot: b makes way
+    assert sched.n_preemptions == 1 and list(sched.waiting) == [b]
+    sched.cache.free(a.id)
+
+
+def test_a_cached_prompt_is_admitted_into_a_full_pool(engine):
+    """A prompt whose every block is cached needs no fresh block (only its last token is
+    recomputed, into its own cached block): it is admitted though nothing else is free."""
+    from cache import KVCache
+    llm = engine("llama")
+    first, other, again = llm.make_sequences([[1, 2, 3, 4], [5, 6], [1, 2, 3, 4]],
+                                             SamplingParams())
+    sched = Scheduler(KVCache(1, 1, 4, n_blocks=2, block_size=4), 64)
+    sched.add([first])
+    step(sched)
+    sched.finish(first)  # its one full block stays cached
+    sched.add([other])
+    step(sched)  # takes the never-used block: none is free but the cached one
+    sched.add([again])
+    assert step(sched) == [(other.id, 1), (again.id, 1)]
+    assert again.n_cached == 3 and sched.n_preemptions == 0
+    for s in (other, again):
+        sched.cache.free(s.id)
+
+
 def test_forks_run_right_after_their_parent(engine, monkeypatch):
     """A prompt's other samples join the running list right behind it, in order: they are as
     old as their parent (preempted after it, never before)."""
