@@ -428,15 +428,17 @@ class KVCache:
             self._unhash(block)
             self.free_blocks.append(block)
 
-    def block_table_tensor(self, seq_ids, device=None) -> torch.Tensor:
-        """(B, max_blocks) int64 block tables of the given sequences, padded with block 0
-        (padding is never read: context_lens bounds every read)."""
+    def padded_block_tables(self, seq_ids) -> list[list[int]]:
+        """The block tables of the given sequences, padded with block 0 to the longest (at
+        least one block; padding is never read: context_lens bounds every read)."""
         tables = [self.block_tables[s] for s in seq_ids]
         width = max(1, max(len(t) for t in tables))
-        out = torch.zeros(len(tables), width, dtype=torch.int64)
-        for i, t in enumerate(tables):
-            out[i, :len(t)] = torch.tensor(t, dtype=torch.int64)
-        return out.to(device or self.kv.device)
+        return [t + [0] * (width - len(t)) for t in tables]
+
+    def block_table_tensor(self, seq_ids, device=None) -> torch.Tensor:
+        """padded_block_tables as a (B, max_blocks) int64 tensor."""
+        return torch.tensor(self.padded_block_tables(seq_ids), dtype=torch.int64,
+                            device=device or self.kv.device)
 
     # -- invariants -------------------------------------------------------------------------
 

@@ -416,11 +416,11 @@ def run_batch(model, cache, batch, all_logits=False) -> torch.Tensor:
         slots += seq_slots
         ctx.append(lo + n)
         starts.append(starts[-1] + n)
-    dev = cache.kv.device
-    meta = kernels.AttnMeta.paged(slots, cache.block_table_tensor([s.id for s, _, _ in batch]),
-                                  ctx, starts, cache.pool_shape, dev)
-    logits = model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), meta,
-                   cache.layers, all_logits)
+    # one host-to-device copy for the whole step, and no wait on the GPU (kernels.upload)
+    meta, (tokens, positions) = kernels.AttnMeta.paged(
+        slots, cache.padded_block_tables([s.id for s, _, _ in batch]), ctx, starts,
+        cache.pool_shape, cache.kv.device, inputs=(tokens, positions))
+    logits = model(tokens, positions, meta, cache.layers, all_logits)
     cache.mark_written()
     for seq, n, _ in batch:
         seq.n_computed += n

@@ -61,6 +61,18 @@ except ImportError:  # no triton wheel for this platform (macOS, Windows): the r
         return fn
 
 
+def upload(rows, device=None) -> list[torch.Tensor]:
+    """Host lists of ints as int64 tensors on device, in one copy: packed into one buffer
+    (pinned on a GPU's host, so that the copy is asynchronous: a copy from pageable memory
+    waits for the GPU to finish the work queued before it), sent non_blocking and split."""
+    host = torch.tensor([x for row in rows for x in row], dtype=torch.int64)
+    device = torch.device(device or "cpu")
+    if device.type != "cpu":
+        host = host.pin_memory() if device.type == "cuda" else host
+        host = host.to(device, non_blocking=True)
+    return list(host.split([len(row) for row in rows]))
+
+
 def head_rows(blocks, n_kv, n_blocks) -> torch.Tensor:
     """Rows of a layer's cache viewed as (K N, P, D) that hold each head's copy of the given
     blocks (any shape), in (head, blocks...) order: row = head * N + block."""
@@ -87,15 +99,20 @@ class AttnMeta:
     block_size: int = 0
 
     @classmethod
-    def paged(cls, slots, block_tables, context_lens, query_start, pool_shape, device=None):
+    def paged(cls, slots, block_tables, context_lens, query_start, pool_shape, device=None,
+              inputs=()):
         """A batch over a paged pool of pool_shape (K, N, P), from host lists: slots (T,),
-        context_lens (B,), query_start (B+1,); block_tables a (B, max_blocks) tensor."""
+        context_lens (B,), query_start (B+1,); block_tables (B, max_blocks) (lists or a host
+        tensor). Everything goes to the device in one copy (upload), along with the host
+        lists `inputs` (the runner's tokens and positions); returns (meta, inputs on device)
+        if inputs are given, else meta."""
         n_kv, n_blocks, block_size = pool_shape
-        return cls(torch.tensor(slots, dtype=torch.int64, device=device),
-                   block_tables.to(device),
-                   torch.tensor(context_lens, dtype=torch.int64, device=device),
-                   torch.tensor(query_start, dtype=torch.int64, device=device),
-                   tuple(context_lens), tuple(query_start), n_kv, n_blocks, block_size)
+        tables = torch.as_tensor(block_tables, dtype=torch.int64)
+        *ins, slot_t, ctx_t, start_t, table_t = upload(
+            [*inputs, slots, context_lens, query_start, tables.view(-1).tolist()], device)
+        meta = cls(slot_t, table_t.view(tables.shape), ctx_t, start_t, tuple(context_lens),
+                   tuple(query_start), n_kv, n_blocks, block_size)
+        return (meta, ins) if inputs else meta
 
     @classmethod
     def dense(cls, query_start, device=None):
@@ -198,10 +215,34 @@ def check_cache(k_cache, v_cache, q, kv_scales):
     return k_scales, v_scales, k_scales.stride(0), k_scales.stride(1)
 
 
+def attention_tiles(dtype, d, quant, decode=False) -> tuple[int, int, int]:
+    """(rows of a query tile, keys of a key tile, warps) of the attention kernels: the largest
+    tiles that the compiled kernels hold in registers without spilling on sm_80 to sm_90 (the
+    table of `python bench.py kernels --compile-only`; the test suite holds it to zero spills).
+    Rows stay at 64 for 16-bit prefill (Hopper's wgmma needs 64 per warp group); a 128-wide
+    head takes 8 warps, and narrower key tiles where it is also dequantized or masked (D 80).
+    fp32 keeps full precision in tl.dot (dot_precision): scalar FMA, whose operands live in
+    registers, so its tiles are the smallest a GPU tl.dot allows (16)."""
+    if dtype == torch.float32:
+        return 16, 16, 8
+    wide = d > 64
+    crowded = wide and (quant or d != dot_width(d))  # more live registers per key
+    if decode:  # 16 rows: one query x the GQA group padded to 16 (decode_attention_triton)
+        return 16, 32 if crowded else 64, 8 if wide else 4
+    return 64, 16 if crowded else 32, 8
+
+
+def check_grid(*grid) -> tuple:
+    """A launch grid within CUDA's limits: 2^31 - 1 programs along x, 65,535 along y and z."""
+    assert grid[0] < 2 ** 31 and all(n <= 65535 for n in grid[1:]), f"grid {grid} too large"
+    return grid
+
+
 def pipeline_stages(dtype) -> int:
     """Software-pipelining depth of the attention loops: each stage buffers a K and a V tile
-    in shared memory, and fp32 tiles are twice the bytes of 16-bit ones."""
-    return 2 if dtype == torch.float32 else 3
+    in shared memory, and its loads hold registers. fp32 (exact, scalar FMA: see
+    attention_tiles) has none to spare and does without."""
+    return 1 if dtype == torch.float32 else 3
 
 
 def dot_precision(dtype) -> str:
@@ -297,7 +338,7 @@ def store_kv_triton(k, v, k_cache, v_cache, meta: AttnMeta, kv_scales=None):
     n_tok, n_kv, d = k.shape
     assert v.shape == k.shape and k.stride(-1) == 1 and v.stride(-1) == 1, "k, v: (T, K, D)"
     assert k_cache.shape[0] == n_kv and k_cache.shape[-1] == d, "k/v and the cache disagree"
-    _store_kv_kernel[(n_tok, n_kv)](
+    _store_kv_kernel[check_grid(n_tok, n_kv)](
         k, v, k_cache, v_cache, k_scales, v_scales, meta.slot_mapping, k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), *k_cache.stride()[:3], s_sh, s_sn,
         BLOCK_SIZE=k_cache.shape[2], HEAD_D=d, BLOCK_D=triton.next_power_of_2(d),
@@ -446,11 +487,11 @@ def _prefill_attention_kernel(
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_D: tl.constexpr,
         BLOCK_D: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Program (b, tile, kv_head): BLOCK_Q new queries of sequence b, for the G query heads of
+    """Program (tile, b, kv_head): BLOCK_Q new queries of sequence b, for the G query heads of
     one KV head, over the sequence's paged context. Query i of n_q new ones sits at position
     n_ctx - n_q + i (a cached prefix shifts the diagonal) and sees keys 0..its position."""
-    b = tl.program_id(0)
-    tile = tl.program_id(1)
+    tile = tl.program_id(0)  # the axis without the 65,535 limit: a long prompt has many tiles
+    b = tl.program_id(1)
     kv_head = tl.program_id(2).to(tl.int64)
     q_start = tl.load(query_start_ptr + b)
     n_q = tl.load(query_start_ptr + b + 1) - q_start
@@ -499,27 +540,31 @@ def dot_width(d) -> int:
 
 
 def prefill_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None,
-                             out=None, block_m=64, block_n=64):
+                             out=None, block_m=None, block_n=None):
     """Launcher: one program per (sequence, tile of queries, KV head); a tile packs about
-    block_m rows (queries x padded GQA group). out: where to write (tests pass a poisoned
+    block_m rows (queries x padded GQA group); tiles and warps from attention_tiles unless
+    given. out: where to write (tests pass a poisoned
     tensor, to catch elements the kernel never writes)."""
     k_scales, v_scales, s_sh, s_sn = check_cache(k_cache, v_cache, q, kv_scales)
     n_tok, n_head, d = q.shape
     n_kv, _, block_size, _ = k_cache.shape
     assert q.stride(-1) == 1 and n_head % n_kv == 0 and k_cache.shape[-1] == d
     out = torch.empty_like(q) if out is None else out
+    rows, keys, warps = attention_tiles(q.dtype, d, kv_scales is not None)
+    block_m, block_n = block_m or rows, block_n or keys
     qs = meta.query_start_host
     max_q = max(e - s for s, e in zip(qs, qs[1:]))
     g_pad = group_pad(n_head // n_kv)
     block_q = max(1, block_m // g_pad)
-    grid = (len(qs) - 1, triton.cdiv(max_q, block_q), n_kv)
+    grid = check_grid(triton.cdiv(max_q, block_q), len(qs) - 1, n_kv)
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, k_scales, v_scales, out, meta.block_tables, meta.context_lens,
         meta.query_start, scale * math.log2(math.e), q.stride(0), q.stride(1), out.stride(0),
         out.stride(1), *k_cache.stride()[:3], s_sh, s_sn, meta.block_tables.stride(0),
         GROUP=n_head // n_kv, GROUP_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, HEAD_D=d, BLOCK_D=dot_width(d), QUANT=kv_scales is not None,
-        DOT_PRECISION=dot_precision(q.dtype), num_stages=pipeline_stages(q.dtype))
+        DOT_PRECISION=dot_precision(q.dtype), num_stages=pipeline_stages(q.dtype),
+        num_warps=warps)
     return out
 
 
@@ -638,12 +683,14 @@ def decode_splits(n_seq, n_kv, max_ctx, n_sm, min_keys=256, max_splits=64) -> in
 
 
 def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None,
-                            out=None, n_splits=None, block_n=64):
+                            out=None, n_splits=None, block_n=None):
     """Launcher: split-K decode, then the merge. n_splits=None picks it from the batch."""
     k_scales, v_scales, s_sh, s_sn = check_cache(k_cache, v_cache, q, kv_scales)
     n_seq, n_head, d = q.shape
     n_kv, _, block_size, _ = k_cache.shape
     assert q.stride(-1) == 1 and n_head % n_kv == 0 and k_cache.shape[-1] == d
+    _, keys, warps = attention_tiles(q.dtype, d, kv_scales is not None, decode=True)
+    block_n = block_n or keys
     if n_splits is None:
         n_splits = decode_splits(n_seq, n_kv, max(meta.context_lens_host),
                                  n_multiprocessors(q.device))
@@ -651,15 +698,15 @@ def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
     lse = torch.empty(n_seq, n_head, n_splits, dtype=torch.float32, device=q.device)
     # a GPU tl.dot needs 16 rows: the G query heads of a KV head are padded up to that
     g_pad = group_pad(n_head // n_kv, 16)
-    _decode_attention_kernel[(n_seq, n_kv, n_splits)](
+    _decode_attention_kernel[check_grid(n_seq, n_kv, n_splits)](
         q, k_cache, v_cache, k_scales, v_scales, part, lse, meta.block_tables,
         meta.context_lens, scale * math.log2(math.e), q.stride(0), q.stride(1),
         *k_cache.stride()[:3], s_sh, s_sn, meta.block_tables.stride(0), GROUP=n_head // n_kv,
         GROUP_PAD=g_pad, N_SPLITS=n_splits, BLOCK_N=block_n, BLOCK_SIZE=block_size, HEAD_D=d,
         BLOCK_D=dot_width(d), QUANT=kv_scales is not None, DOT_PRECISION=dot_precision(q.dtype),
-        num_stages=pipeline_stages(q.dtype))
+        num_stages=pipeline_stages(q.dtype), num_warps=warps)
     out = torch.empty_like(q) if out is None else out
-    _merge_splits_kernel[(n_seq, n_head)](
+    _merge_splits_kernel[check_grid(n_seq, n_head)](
         part, lse, out, out.stride(0), out.stride(1), N_SPLITS=n_splits,
         SPLITS_PAD=triton.next_power_of_2(n_splits), HEAD_D=d, BLOCK_D=triton.next_power_of_2(d))
     return out

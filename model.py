@@ -171,17 +171,23 @@ def norm(cfg, p, x):
     return layer_norm(x, p["weight"], p["bias"], cfg.norm_eps)
 
 
-def rope_rotation(positions, inv_freq, dtype):
-    """(T, D, D) rotation matrices, one per position, once per forward. RoPE turns each pair
-    (x_i, x_{i+D/2}) (HF's half-split layout; llama.cpp pairs x_2i with x_2i+1, see the GGUF
-    loader) by the angle pos * inv_freq_i:
+def rope_rotation(positions, inv_freq, dtype, as_matrix=None):
+    """RoPE turns each pair (x_i, x_{i+D/2}) (HF's half-split layout; llama.cpp pairs x_2i with
+    x_2i+1, see the GGUF loader) by the angle pos * inv_freq_i:
         y_i       = x_i cos - x_{i+D/2} sin
         y_{i+D/2} = x_{i+D/2} cos + x_i sin
-    As a matrix this is one small matmul per layer, y = x @ R, instead of five elementwise ops
-    (each op after a large matmul costs ~10 us on a CPU: see README, performance)."""
-    n_tok, half = positions.shape[0], inv_freq.shape[0]
+    Built once per forward, in one of two forms (apply_rope takes either):
+    - on the CPU, (T, D, D) rotation matrices: one small matmul per layer, y = x @ R, instead
+      of five elementwise ops (each op after a large matmul costs ~10 us on a CPU: see README,
+      performance);
+    - on a GPU, (cos, sin) of shape (T, 1, D/2): elementwise ops cost little there, and the
+      matrices would not fit (a 16k-token prefill at D 128 is a 1 GiB transient).
+    as_matrix forces one form (tests compare them)."""
     angles = positions.float().unsqueeze(1) * inv_freq                # (T, D/2)
     cos, sin = angles.cos(), angles.sin()
+    if not (positions.device.type == "cpu" if as_matrix is None else as_matrix):
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+    n_tok, half = positions.shape[0], inv_freq.shape[0]
     rot = torch.zeros(n_tok, 2, half, 2, half, device=positions.device)  # (T, in, i, out, j)
     idx = torch.arange(half, device=positions.device)
     rot[:, 0, idx, 0, idx] = cos   # x_i       -> y_i
@@ -191,9 +197,13 @@ def rope_rotation(positions, inv_freq, dtype):
     return rot.view(n_tok, 2 * half, 2 * half).to(dtype)               # (T, D, D)
 
 
-def apply_rope(x, rot):
-    """x (T, H, D) @ rot (T, D, D) -> (T, H, D): every head of a token turns alike."""
-    return torch.bmm(x, rot)
+def apply_rope(x, rope):
+    """x (T, H, D) turned by rope_rotation's output: every head of a token turns alike."""
+    if isinstance(rope, tuple):
+        cos, sin = rope
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.bmm(x, rope)
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,7 +233,7 @@ class Block(nn.Module):
             self.proj = nn.Linear(f, c)
 
     def forward(self, x, rope, meta, kv_layer):
-        """x (T, C) -> (T, C). rope: (T, D, D) rotations (Llama) or None (GPT-2). kv_layer:
+        """x (T, C) -> (T, C). rope: rope_rotation's (Llama) or None (GPT-2). kv_layer:
         this layer's (k_cache, v_cache, kv_scales) of the pool, or None (uncached)."""
         cfg = self.cfg
         n_tok = x.shape[0]

@@ -377,8 +377,9 @@ def test_triton_attention_over_a_quantized_cache_matches_reference(qdtype, dtype
 def test_every_kernel_compiles_for_gpus_ahead_of_time(tmp_path):
     """bench.py's quick compile sweep: every kernel, as its launcher really calls it, compiled
     for sm_80 and sm_90 (bf16, KV in bf16 / int8 / fp8, GPT-class shapes) by the compiler and
-    ptxas inside the triton wheel. Each compiles, fits the target's shared memory, and its
-    tl.dot is a matrix instruction (wgmma for Hopper prefill, mma.sync elsewhere). In a
+    ptxas inside the triton wheel. Each compiles, fits the target's shared memory, spills no
+    register, and its tl.dot is a matrix instruction (wgmma for Hopper prefill, mma.sync
+    elsewhere). In a
     subprocess: this process runs Triton's interpreter, and the compiler needs real Triton."""
     import json
     import os
@@ -403,5 +404,88 @@ def test_every_kernel_compiles_for_gpus_ahead_of_time(tmp_path):
     assert {r["instruction"] for r in rows if r["kernel"].startswith("prefill") and
             r["target"] == "sm_90"} == {"wgmma"}
     assert {r["instruction"] for r in rows if r["kernel"].startswith("decode")} == {"mma"}
-    assert all(0 < r["shared"] <= r["shared_limit"] for r in rows
-               if r["kernel"].endswith("attention_kernel"))
+    attention = [r for r in rows if r["kernel"].endswith("attention_kernel")]
+    assert all(0 < r["shared"] <= r["shared_limit"] for r in attention)
+    assert [r for r in attention if r["spills"]] == []  # attention_tiles fits every one
+    from bench import compile_problems  # and a spill would be reported
+    assert compile_problems([dict(attention[0], spills=8)])[0].endswith("8 bytes spilled")
+
+
+# ------------------------------------------------------------------------------------------
+# the GPU host path, run on the CPU: no step waits for the device
+
+class HostSyncGuard(torch.overrides.TorchFunctionMode):
+    """Fails on whatever would make the host wait for a GPU: reading a device tensor's value
+    (.item(), .tolist(), truth value, int(), .cpu(), .numpy()), creating a tensor on the device
+    from host data in one blocking call (torch.tensor(..., device=...)), or a host-to-device
+    copy that is not non_blocking. Counts the (non_blocking) uploads."""
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.uploads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        on_device = [a for a in args if isinstance(a, torch.Tensor) and a.device.type != "cpu"]
+        if name in self.READS and on_device:
+            raise AssertionError(f"{name}() of a device tensor: the host waits for the GPU")
+        if name in ("tensor", "as_tensor") and torch.device(kwargs.get("device") or "cpu").type \
+                != "cpu":
+            raise AssertionError(f"torch.{name}(..., device=...): a blocking upload")
+        out = func(*args, **kwargs)
+        if name == "to" and args[0].device.type == "cpu" and isinstance(out, torch.Tensor) and \
+                out.device.type != "cpu":
+            assert kwargs.get("non_blocking") is True, "a blocking host-to-device copy"
+            self.uploads += 1
+        return out
+
+
+def test_the_sync_guard_sees_each_kind_of_wait():
+    """The negative control: each pattern the guard exists for is caught."""
+    on_meta = torch.zeros(3, device="meta")
+    for wait in (lambda: on_meta.sum().item(), lambda: on_meta.tolist(),
+                 lambda: bool(on_meta[0]), lambda: on_meta.cpu(),
+                 lambda: torch.tensor([1, 2], device="meta"),
+                 lambda: torch.tensor([1, 2]).to("meta")):
+        with pytest.raises(AssertionError, match="wait|blocking"), HostSyncGuard():
+            wait()
+    with HostSyncGuard() as guard:
+        kernels.upload([[1, 2], [3]], "meta")
+    assert guard.uploads == 1
+
+
+@needs_triton
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_a_gpu_step_never_waits_for_the_device(engine, tiny_dir, monkeypatch, kv_dtype):
+    """A prefill step and a decode step of the CUDA path (Triton launchers, RoPE's GPU form),
+    their host code run for real on the meta device (tensors with a shape and no data: a value
+    read there fails, as it would wait on a GPU) with the kernels captured: each step is one
+    non_blocking upload, no read of a device value, and launches the GPU kernels."""
+    import bench
+    from cache import KVCache, QUANTIZED_DTYPES
+    from generate import Scheduler, SamplingParams, run_batch
+    import model as model_mod
+    monkeypatch.setenv("KVCACHE_KERNELS", "triton")
+    model, _ = model_mod.load(tiny_dir("llama"), torch.bfloat16, "meta")
+    cfg = model.cfg
+    pool = KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, n_blocks=32, block_size=16,
+                   dtype=QUANTIZED_DTYPES.get(kv_dtype, torch.bfloat16), device="meta")
+    seqs = engine("llama").make_sequences([list(range(1, 40)), list(range(5, 25))],
+                                          SamplingParams())
+    sched = Scheduler(pool, 256)
+    sched.add(seqs)
+    kernel_names = []
+    for step in ("prefill", "decode"):
+        with bench.kernels_captured() as launches, HostSyncGuard() as guard:
+            run_batch(model, pool, sched.schedule())
+        assert guard.uploads == 1, f"{step}: {guard.uploads} uploads"
+        kernel_names.append({k.__name__ for k, _, _ in launches})
+        for s in seqs:
+            s.tokens.append(7)  # a sampled token (sampling reads the logits: its one sync)
+    assert kernel_names == [{"_store_kv_kernel", "_prefill_attention_kernel"},
+                            {"_store_kv_kernel", "_decode_attention_kernel",
+                             "_merge_splits_kernel"}]
+    for s in seqs:
+        pool.free(s.id)

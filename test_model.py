@@ -53,6 +53,24 @@ def test_logits_match_transformers(tmp_path, arch):
     torch.testing.assert_close(our_logits(ours, ids, paged=True), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("as_matrix", [True, False])
+def test_both_rope_forms_match_transformers(tmp_path, monkeypatch, as_matrix):
+    """RoPE as (T, D, D) matrices (the CPU's form) and as cos/sin (a GPU's: no T x D x D
+    transient) give the same logits, each within fp32 rounding of transformers'."""
+    hf = make_checkpoint(tmp_path, "llama")
+    ours, tok = M.load(tmp_path)
+    ids = tok.encode(TRAIN_TEXT[:80])
+    built, rope_rotation = [], M.rope_rotation
+
+    def rope(positions, inv_freq, dtype):
+        built.append(rope_rotation(positions, inv_freq, dtype, as_matrix=as_matrix))
+        return built[-1]
+    monkeypatch.setattr(M, "rope_rotation", rope)
+    got = our_logits(ours, ids, paged=True)
+    assert isinstance(built[0], torch.Tensor) == as_matrix  # the form asked for was used
+    torch.testing.assert_close(got, hf(torch.tensor([ids])).logits[0], rtol=1e-4, atol=1e-4)
+
+
 # A process started in the project folder, as `python generate.py` or a user's script there
 # is: it touches transformers' model classes (which import Hugging Face's `kernels` package,
 # 5.25 and later) before or after the engine, then runs the engine's kernels and compares.
