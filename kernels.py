@@ -43,6 +43,7 @@ if __name__ == "kernels":
 
 from dataclasses import dataclass
 from functools import cache, cached_property
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -215,34 +216,39 @@ def check_cache(k_cache, v_cache, q, kv_scales):
     return k_scales, v_scales, k_scales.stride(0), k_scales.stride(1)
 
 
-def attention_tiles(dtype, d, quant, decode=False) -> tuple[int, int, int]:
-    """(rows of a query tile, keys of a key tile, warps) of the attention kernels: the largest
-    tiles that the compiled kernels hold in registers without spilling on sm_80 to sm_90 (the
-    table of `python bench.py kernels --compile-only`; the test suite holds it to zero spills).
-    Rows stay at 64 for 16-bit prefill (Hopper's wgmma needs 64 per warp group); a 128-wide
-    head takes 8 warps, and narrower key tiles where it is also dequantized or masked (D 80).
-    fp32 keeps full precision in tl.dot (dot_precision): scalar FMA, whose operands live in
-    registers, so its tiles are the smallest a GPU tl.dot allows (16)."""
-    if dtype == torch.float32:
-        return 16, 16, 8
+# ptxas, left to itself, at times keeps an attention kernel to 64-128 registers per thread and
+# spills the rest; allowed all 255 (what 8 warps can have on every target), it spills none
+MAX_REGISTERS = 255
+
+
+class Tiles(NamedTuple):
+    rows: int    # query rows of a tile (queries x padded GQA group)
+    keys: int    # keys of a tile
+    warps: int
+    stages: int  # software-pipelining depth: each stage buffers a K and a V tile
+
+
+def attention_tiles(dtype, d, quant, decode=False) -> Tiles:
+    """Tiles, warps and pipelining of the attention kernels: the largest that the compiled
+    kernels hold in registers without spilling on sm_80 to sm_90 (the table of `python
+    bench.py kernels --compile-only`; the test suite holds it to zero spills). 16-bit prefill
+    keeps 64 rows (Hopper's wgmma needs 64 per warp group) and narrows the key tile at D 128;
+    decode has 16 rows (one query x the GQA group padded to 16) and narrows it for a
+    dequantized or masked (D 80) head. fp32 keeps full precision in tl.dot (dot_precision):
+    scalar FMA, whose operands live in registers, so its tiles are the smallest a GPU tl.dot
+    allows (16) and it does without pipelining."""
     wide = d > 64
-    crowded = wide and (quant or d != dot_width(d))  # more live registers per key
-    if decode:  # 16 rows: one query x the GQA group padded to 16 (decode_attention_triton)
-        return 16, 32 if crowded else 64, 8 if wide else 4
-    return 64, 16 if crowded else 32, 8
+    if dtype == torch.float32:
+        return Tiles(16, 16, 8, 1)
+    if decode:
+        return Tiles(16, 32 if quant or d != dot_width(d) else 64, 8, 3)
+    return Tiles(64, 16 if wide else 32, 8, 2)
 
 
 def check_grid(*grid) -> tuple:
     """A launch grid within CUDA's limits: 2^31 - 1 programs along x, 65,535 along y and z."""
     assert grid[0] < 2 ** 31 and all(n <= 65535 for n in grid[1:]), f"grid {grid} too large"
     return grid
-
-
-def pipeline_stages(dtype) -> int:
-    """Software-pipelining depth of the attention loops: each stage buffers a K and a V tile
-    in shared memory, and its loads hold registers. fp32 (exact, scalar FMA: see
-    attention_tiles) has none to spare and does without."""
-    return 1 if dtype == torch.float32 else 3
 
 
 def dot_precision(dtype) -> str:
@@ -550,8 +556,8 @@ def prefill_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scal
     n_kv, _, block_size, _ = k_cache.shape
     assert q.stride(-1) == 1 and n_head % n_kv == 0 and k_cache.shape[-1] == d
     out = torch.empty_like(q) if out is None else out
-    rows, keys, warps = attention_tiles(q.dtype, d, kv_scales is not None)
-    block_m, block_n = block_m or rows, block_n or keys
+    tiles = attention_tiles(q.dtype, d, kv_scales is not None)
+    block_m, block_n = block_m or tiles.rows, block_n or tiles.keys
     qs = meta.query_start_host
     max_q = max(e - s for s, e in zip(qs, qs[1:]))
     g_pad = group_pad(n_head // n_kv)
@@ -563,8 +569,8 @@ def prefill_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scal
         out.stride(1), *k_cache.stride()[:3], s_sh, s_sn, meta.block_tables.stride(0),
         GROUP=n_head // n_kv, GROUP_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, HEAD_D=d, BLOCK_D=dot_width(d), QUANT=kv_scales is not None,
-        DOT_PRECISION=dot_precision(q.dtype), num_stages=pipeline_stages(q.dtype),
-        num_warps=warps)
+        DOT_PRECISION=dot_precision(q.dtype), num_stages=tiles.stages, num_warps=tiles.warps,
+        maxnreg=MAX_REGISTERS)
     return out
 
 
@@ -689,8 +695,8 @@ def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
     n_seq, n_head, d = q.shape
     n_kv, _, block_size, _ = k_cache.shape
     assert q.stride(-1) == 1 and n_head % n_kv == 0 and k_cache.shape[-1] == d
-    _, keys, warps = attention_tiles(q.dtype, d, kv_scales is not None, decode=True)
-    block_n = block_n or keys
+    tiles = attention_tiles(q.dtype, d, kv_scales is not None, decode=True)
+    block_n = block_n or tiles.keys
     if n_splits is None:
         n_splits = decode_splits(n_seq, n_kv, max(meta.context_lens_host),
                                  n_multiprocessors(q.device))
@@ -704,7 +710,7 @@ def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
         *k_cache.stride()[:3], s_sh, s_sn, meta.block_tables.stride(0), GROUP=n_head // n_kv,
         GROUP_PAD=g_pad, N_SPLITS=n_splits, BLOCK_N=block_n, BLOCK_SIZE=block_size, HEAD_D=d,
         BLOCK_D=dot_width(d), QUANT=kv_scales is not None, DOT_PRECISION=dot_precision(q.dtype),
-        num_stages=pipeline_stages(q.dtype), num_warps=warps)
+        num_stages=tiles.stages, num_warps=tiles.warps, maxnreg=MAX_REGISTERS)
     out = torch.empty_like(q) if out is None else out
     _merge_splits_kernel[check_grid(n_seq, n_head)](
         part, lse, out, out.stride(0), out.stride(1), N_SPLITS=n_splits,
