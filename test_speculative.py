@@ -151,6 +151,32 @@ def test_acceptance_rule_edge_cases():
     assert accept_draft(P, P[:2], [1, 2], rng)[:2] == [1, 2]
     # no drafts: one plain draw from p
     assert accept_draft(one_hot[:1], None, [], rng) == [2]
+    # p <= q everywhere yet a rejection (p and q each rounded, p's sum short of q's): the
+    # residual max(p - q, 0) is empty, and the token comes from p itself
+    p, q = torch.tensor([[0.3, 0.3, 0.3, 0.0], [0.25] * 4]), torch.tensor([[0.4, 0.3, 0.3, 0.0]])
+    outs = [accept_draft(p, q, [0], torch.Generator().manual_seed(s)) for s in range(40)]
+    rejected = [r for r in outs if len(r) == 1]  # each run rejects with chance 1/4
+    assert rejected and all(r[0] in (0, 1, 2) for r in rejected)
+
+
+def test_acceptance_draws_only_from_its_own_generator():
+    """A seeded request gives the same tokens whatever else used torch's global generator."""
+    p, q = torch.tensor([[0.5, 0.5], [0.5, 0.5]]), torch.tensor([[0.0, 1.0]])  # accept: 1/2
+    runs = []
+    for i in range(20):
+        torch.manual_seed(i)  # another user of the global generator
+        runs.append(accept_draft(p, q, [1], torch.Generator().manual_seed(7)))
+    assert all(r == runs[0] for r in runs)
+
+
+def test_spec_stats_summary():
+    stats = spec_mod.SpecStats("ngram", 4)
+    stats.count_plain(2)
+    assert stats.summary() == "speculative ngram k=4: no drafted tokens, 1.00 tokens per " \
+        "target forward"
+    stats.n_proposed, stats.n_accepted, stats.n_seq_forwards, stats.n_tokens = 8, 6, 4, 10
+    assert stats.summary() == "speculative ngram k=4: 75% of 8 drafted tokens accepted, 2.50 " \
+        "tokens per target forward"
 
 
 def test_propose_ngram():
@@ -160,6 +186,22 @@ def test_propose_ngram():
     assert propose_ngram([1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]
     assert propose_ngram([1, 2, 3], 4) == [] and propose_ngram([1], 4) == []
     assert propose_ngram([4, 1, 2, 9, 1, 2], 2, n_max=1) == [9, 1]  # suffix [2]: then 9, 1
+    # the longest recurring suffix wins: [1, 2] (then 7) over a later [2] (then 9)
+    longest = [1, 2, 7, 3, 2, 9, 1, 2]
+    assert propose_ngram(longest, 3) == [7, 3, 2] and propose_ngram(longest, 3, n_max=1) == \
+        [9, 1, 2]
+    assert propose_ngram([1, 2, 3, 2], 2, n_min=2) == [] and propose_ngram([1, 2, 3, 2], 2) == \
+        [3, 2]
+
+
+def test_ngram_proposer_proposes_with_its_sizes():
+    from types import SimpleNamespace
+    seqs = [SimpleNamespace(tokens=[1, 2, 7, 3, 2, 9, 1, 2]), SimpleNamespace(tokens=[1, 2, 3, 2]),
+            SimpleNamespace(tokens=[5, 5])]
+    drafts, _ = spec_mod.NgramProposer(n_max=3, n_min=1).propose(seqs, [3, 2, 0])
+    assert drafts == [[7, 3, 2], [3, 2], []]
+    drafts, _ = spec_mod.NgramProposer(n_max=3, n_min=2).propose(seqs, [3, 2, 2])
+    assert drafts == [[7, 3, 2], [], []]
 
 
 # ------------------------------------------------------------------------------------------
