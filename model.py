@@ -476,8 +476,35 @@ def build_model(cfg, sd, dtype, device, source, freq_factors=None):
 # ------------------------------------------------------------------------------------------
 # Hugging Face checkpoint directories: config.json + *.safetensors (sharded or not)
 
-def config_from_hf(c: dict):
+# config.json fields that change the forward pass, with the one value the engine implements:
+# any other value is refused, naming the field, rather than run with silently wrong logits
+HF_FIXED = {
+    "gpt2": {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+             "tie_word_embeddings": True,
+             "activation_function": ("gelu_new", "gelu_pytorch_tanh")},  # tanh-approximate GELU
+    "llama": {"hidden_act": ("silu",), "mlp_bias": False},
+}
+HF_FIXED["mistral"] = HF_FIXED["qwen2"] = HF_FIXED["llama"]
+
+
+def config_from_hf(c):
+    if not isinstance(c, dict):
+        raise ValueError(f"config.json holds {json.dumps(c)[:40]}, not a JSON object")
     kind = c.get("model_type")
+    for field, allowed in HF_FIXED.get(kind, {}).items():
+        allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+        if field in c and c[field] not in allowed:
+            raise ValueError(f"config.json: {field}={json.dumps(c[field])} is not supported "
+                             f"(the engine implements {' or '.join(map(json.dumps, allowed))})")
+    try:
+        return _config_from_hf(c, kind)
+    except KeyError as e:
+        raise ValueError(f"config.json: no {e.args[0]!r} (a {kind} config needs it)") from None
+    except TypeError as e:  # e.g. null where a number belongs
+        raise ValueError(f"config.json: a value of the wrong type ({e})") from None
+
+
+def _config_from_hf(c: dict, kind):
     if kind == "gpt2":
         return GPT2Config(n_layer=c["n_layer"], n_embd=c["n_embd"], n_head=c["n_head"],
                           vocab_size=c["vocab_size"], max_seq_len=c["n_positions"],
@@ -485,8 +512,6 @@ def config_from_hf(c: dict):
     if kind not in ("llama", "mistral", "qwen2"):
         raise ValueError(f"unsupported model_type {kind!r} in config.json "
                          "(supported: gpt2, llama, mistral, qwen2)")
-    if c.get("mlp_bias"):
-        raise ValueError("config.json: mlp_bias is not supported")
     # transformers >= 5 writes rope_parameters; older files have rope_theta + rope_scaling
     rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
@@ -578,9 +603,12 @@ def config_from_gguf(reader, path):
     n_head = int(g("attention.head_count"))
     n_embd = int(g("embedding_length"))
     n_vocab = g("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    rope = None
-    if g("rope.scaling.type") == "linear":
+    rope, scaling = None, g("rope.scaling.type")
+    if scaling == "linear":
         rope = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
+    elif scaling not in (None, "none"):
+        raise ValueError(f"{path}: llama.rope.scaling.type={scaling!r} is not supported "
+                         "(none, linear)")
     names = {t.name for t in reader.tensors}
     return LlamaConfig(
         n_layer=int(g("block_count")), n_embd=n_embd, n_head=n_head,

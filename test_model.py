@@ -175,8 +175,9 @@ def llamacpp_permute(w, n_head):
         .reshape(w.shape)
 
 
-def write_gguf(path, hf, qtype="F32", arch="llama", skip=(), extra=None):
-    """Write an HF Llama model as a llama.cpp-style GGUF, every 2-D weight stored as qtype."""
+def write_gguf(path, hf, qtype="F32", arch="llama", skip=(), extra=None, strings=None):
+    """Write an HF Llama model as a llama.cpp-style GGUF, every 2-D weight stored as qtype
+    (extra: more tensors; strings: more string metadata)."""
     cfg = hf.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
@@ -218,6 +219,8 @@ def write_gguf(path, hf, qtype="F32", arch="llama", skip=(), extra=None):
             w.add_tensor(src, gguf.quants.quantize(a, kind), raw_dtype=kind)
     for name, a in (extra or {}).items():
         w.add_tensor(name, a)
+    for key, value in (strings or {}).items():
+        w.add_string(key, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -278,6 +281,9 @@ def test_gguf_errors_name_what_does_not_fit(gguf_llama, tmp_path):
                extra={"blk.0.bad.weight": np.zeros((2, 8), np.int8)})
     with pytest.raises(ValueError, match="unsupported type I8"):
         M.load(tmp_path / "q5k.gguf")
+    write_gguf(tmp_path / "yarn.gguf", hf, strings={"llama.rope.scaling.type": "yarn"})
+    with pytest.raises(ValueError, match="rope.scaling.type='yarn' is not supported"):
+        M.load(tmp_path / "yarn.gguf")
     good = tmp_path / "good.gguf"
     write_gguf(good, hf, "Q8_0")
     data = good.read_bytes()
@@ -304,6 +310,42 @@ def test_hf_errors_name_what_does_not_fit(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="neither a GGUF file nor"):
         M.load(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("arch, field, value", [
+    ("gpt2", "scale_attn_weights", False), ("gpt2", "scale_attn_by_inverse_layer_idx", True),
+    ("gpt2", "tie_word_embeddings", False), ("gpt2", "activation_function", "relu"),
+    ("llama", "hidden_act", "gelu"), ("qwen2", "hidden_act", "gelu")])
+def test_configs_the_engine_does_not_implement_are_refused(tmp_path, arch, field, value):
+    """Each of these fields changes transformers' logits (shown here), so a checkpoint with it
+    is refused with one line naming the field, not run with wrong logits."""
+    ids = torch.tensor([[5, 9, 2, 7, 1, 3]])
+    plain = make_checkpoint(tmp_path / "plain", arch)(ids).logits
+    other = make_checkpoint(tmp_path / "other", arch, **{field: value})(ids).logits
+    assert not torch.allclose(plain, other, atol=1e-4)  # the field matters
+    with pytest.raises(ValueError, match=f"config.json: {field}=.* is not supported"):
+        M.load(tmp_path / "other")
+
+
+@pytest.mark.parametrize("config, match", [
+    ([], r"holds \[\], not a JSON object"), (None, "holds null, not a JSON object"),
+    ({"model_type": "llama"}, "config.json: no 'max_position_embeddings'"),
+    ({"model_type": "gpt2", "n_layer": 2}, "config.json: no 'n_embd'"),
+    ("drop intermediate_size", "config.json: no 'intermediate_size'"),
+    ("null n_embd", "n_embd must be a positive integer, got None"),
+    ("null heads", "config.json: a value of the wrong type")])
+def test_malformed_configs_are_one_line(tmp_path, config, match):
+    make_checkpoint(tmp_path, "gpt2" if config == "null n_embd" else "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    if config == "drop intermediate_size":
+        config = {k: v for k, v in cfg.items() if k != "intermediate_size"}
+    elif config == "null n_embd":
+        config = {**cfg, "n_embd": None}
+    elif config == "null heads":
+        config = {**cfg, "num_attention_heads": None, "head_dim": None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        M.load(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------
