@@ -446,6 +446,12 @@ def build_model(cfg, sd, dtype, device, source, freq_factors=None):
     """Check every expected tensor is present with its shape, then assign them to a model built
     on the meta device (no random init of weights that are about to be overwritten).
     freq_factors: llama.cpp's per-frequency RoPE divisors, if the GGUF has them."""
+    # the blocks held must be exactly 0..L-1, checked before a model of L blocks is built (a
+    # header may claim 10^9)
+    held = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
+    if len(held) != cfg.n_layer or max(held, default=-1) != cfg.n_layer - 1:
+        raise ValueError(f"{source}: the config says {cfg.n_layer} layers, the file holds "
+                         f"weights of {len(held)}")
     sd = fuse_weights(sd, cfg)
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # some tied checkpoints store the copy; we alias it

@@ -679,7 +679,8 @@ def test_chat_api_is_generate_through_the_template(engine):
     (lambda llm: llm.generate([5]), ValueError, "list of strings or a list of token-id lists"),
     (lambda llm: LLM(llm.model_path, device="tpu"), ValueError, "unsupported device 'tpu'"),
     (lambda llm: LLM(llm.model_path, kv_budget="100TiB"), ValueError, "more than the"),
-    (lambda llm: LLM(llm.model_path, kv_budget=4096), ValueError, "bytes only from 1 MiB")])
+    (lambda llm: LLM(llm.model_path, kv_budget=4096), ValueError, "bytes only from 1 MiB"),
+    (lambda llm: LLM(llm.model_path, n_blocks=10**12), ValueError, r"at most \d+ blocks of 16 fit")])
 def test_bad_api_arguments_raise_one_clear_error(engine, call, error, match):
     llm = engine("llama")
     with pytest.raises(error, match=match):
@@ -738,6 +739,7 @@ def test_cli_chat_commands(tiny_dir, cli, tmp_path):
     (["--kv-budget", "100TiB"], "more than the"),
     (["--kv-budget", "1.5"], "a fraction must be in"),
     (["--kv-budget", "4096"], "bytes only from 1 MiB"),
+    (["--n-blocks", str(10**12)], "blocks of 16 fit"),
     (["--chat", "--prompt-file", "x"], "--chat takes a question or --prompt-file")])
 def test_cli_more_bad_input_is_one_clear_line(tiny_dir, cli, args, match):
     code, _, err = cli("hi", "--model", str(tiny_dir("llama")), *args)

@@ -4,6 +4,7 @@ for HF directories (GPT-2, Llama with GQA + untied embeddings + Llama-3 RoPE sca
 with QKV bias, sharded files) and GGUF files (every supported tensor type, llama.cpp's Q/K row
 order undone); the real SmolLM2 GGUF; the tokenizer against transformers'; loader errors.
 """
+import copy
 import importlib.metadata
 import json
 import os
@@ -281,6 +282,13 @@ def test_gguf_errors_name_what_does_not_fit(gguf_llama, tmp_path):
                extra={"blk.0.bad.weight": np.zeros((2, 8), np.int8)})
     with pytest.raises(ValueError, match="unsupported type I8"):
         M.load(tmp_path / "q5k.gguf")
+    huge = copy.copy(hf)  # the same weights under a header that claims 10^9 blocks
+    huge.config = copy.deepcopy(hf.config)
+    huge.config.num_hidden_layers = 10**9
+    write_gguf(tmp_path / "huge.gguf", huge)
+    with pytest.raises(ValueError, match="the config says 1000000000 layers, the file holds "
+                                         "weights of 2"):
+        M.load(tmp_path / "huge.gguf")  # at once: no model of 10^9 blocks is built first
     write_gguf(tmp_path / "yarn.gguf", hf, strings={"llama.rope.scaling.type": "yarn"})
     with pytest.raises(ValueError, match="rope.scaling.type='yarn' is not supported"):
         M.load(tmp_path / "yarn.gguf")
@@ -297,6 +305,9 @@ def test_hf_errors_name_what_does_not_fit(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 65}))
     with pytest.raises(ValueError, match=r"gate_up.weight has shape \(128, 48\).*\(130, 48\)"):
+        M.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10**9}))
+    with pytest.raises(ValueError, match="the config says 1000000000 layers"):
         M.load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
     with pytest.raises(ValueError, match="unsupported model_type 'mamba'"):
