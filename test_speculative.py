@@ -194,6 +194,26 @@ def test_propose_ngram():
         [3, 2]
 
 
+def test_draft_budget_gives_the_oldest_the_most_that_fits():
+    """Drafts per sequence: at most k and one less than it may still generate, oldest first,
+    each the largest whose new blocks fit beside the ones before; None when one cannot even
+    take its next token."""
+    from types import SimpleNamespace as Seq
+    from cache import KVCache
+    cache = KVCache(1, 1, 1, n_blocks=6, block_size=4)
+    for sid, tokens in enumerate([[1, 2, 3], [1, 2, 3, 4], [5], [6]]):
+        cache.append(sid, tokens)  # 4 blocks used, 2 free
+    seqs = [Seq(id=0, n_left=10), Seq(id=1, n_left=10), Seq(id=2, n_left=2), Seq(id=3, n_left=1)]
+    # 0: 4 drafts + 1 -> 8 tokens, one new block; 1: 4 + 1 would take two, one is left: 3;
+    # 2: limited to n_left - 1 = 1, in its own block; 3: nothing left to draft
+    assert spec_mod.draft_budget(cache, seqs, 4) == [4, 3, 1, 0]
+    assert spec_mod.draft_budget(cache, seqs[1:], 4) == [4, 1, 0]  # 1 first: both blocks
+    assert spec_mod.draft_budget(cache, seqs, 2) == [2, 2, 1, 0]
+    full = KVCache(1, 1, 1, n_blocks=1, block_size=2)
+    full.append(0, [1, 2])
+    assert spec_mod.draft_budget(full, [Seq(id=0, n_left=5)], 4) is None
+
+
 def test_ngram_proposer_proposes_with_its_sizes():
     from types import SimpleNamespace
     seqs = [SimpleNamespace(tokens=[1, 2, 7, 3, 2, 9, 1, 2]), SimpleNamespace(tokens=[1, 2, 3, 2]),
