@@ -73,6 +73,28 @@ def test_target_as_its_own_draft_accepts_everything(models):
     assert stats.tokens_per_forward > 3  # 5 tokens a verification pass, 1 for the prefill
 
 
+def test_speculation_counts_every_target_forward(models, monkeypatch):
+    """One sequence: the stats count exactly the target's forward passes (plain and verifying)
+    and the tokens they gave."""
+    llm, _ = models("llama")
+    calls, run = [], llm.run
+
+    def counted(batch, all_logits=False):
+        calls.append(all_logits)
+        return run(batch, all_logits)
+    monkeypatch.setattr(llm, "run", counted)
+    spec = Speculator("ngram", 3)
+    [out] = llm.generate([[3, 4, 5, 3, 4, 5, 3, 4]], SamplingParams(max_new_tokens=24,
+                                                                    ignore_eos=True),
+                         speculator=spec)
+    stats = spec.stats
+    assert len(out.token_ids) == stats.n_tokens == 24
+    assert stats.n_verify_forwards == sum(calls) >= 2
+    assert stats.n_seq_forwards == len(calls) > stats.n_verify_forwards
+    assert 0 <= stats.n_accepted <= stats.n_proposed <= 3 * stats.n_verify_forwards
+    assert_no_block_held(llm, spec)
+
+
 @given(prompts=st.lists(st.lists(st.integers(0, 12), min_size=1, max_size=24), min_size=2,
                         max_size=5), n_blocks=st.integers(10, 14), k=st.integers(1, 8),
        which=st.sampled_from(["ngram", "draft"]))
