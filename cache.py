@@ -160,8 +160,8 @@ class KVCache:
         if block_size < 1 or n_blocks < 1:
             raise ValueError(f"block_size ({block_size}) and n_blocks ({n_blocks}) must be >= 1")
         per_block = block_size * bytes_per_token(n_layer, n_kv_head, head_dim, dtype)
-        if torch.device(device).type != "meta" and n_blocks * per_block > free_memory(device):
-            free = free_memory(device)  # refused before anything is allocated
+        free = free_memory(device) if torch.device(device).type != "meta" else math.inf
+        if n_blocks * per_block > free:  # refused before anything is allocated
             raise ValueError(f"a pool of {n_blocks} blocks needs {n_blocks * per_block / 2**30:.2f}"
                              f" GiB, more than the {free / 2**30:.2f} GiB of memory available on "
                              f"{device}: at most {free // per_block} blocks of {block_size} fit")

@@ -108,11 +108,13 @@ class AttnMeta:
         lists `inputs` (the runner's tokens and positions); returns (meta, inputs on device)
         if inputs are given, else meta."""
         n_kv, n_blocks, block_size = pool_shape
-        tables = torch.as_tensor(block_tables, dtype=torch.int64)
+        if isinstance(block_tables, torch.Tensor):
+            block_tables = block_tables.tolist()
         *ins, slot_t, ctx_t, start_t, table_t = upload(
-            [*inputs, slots, context_lens, query_start, tables.view(-1).tolist()], device)
-        meta = cls(slot_t, table_t.view(tables.shape), ctx_t, start_t, tuple(context_lens),
-                   tuple(query_start), n_kv, n_blocks, block_size)
+            [*inputs, slots, context_lens, query_start, [b for t in block_tables for b in t]],
+            device)
+        meta = cls(slot_t, table_t.view(len(block_tables), -1), ctx_t, start_t,
+                   tuple(context_lens), tuple(query_start), n_kv, n_blocks, block_size)
         return (meta, ins) if inputs else meta
 
     @classmethod
