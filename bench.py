@@ -13,6 +13,7 @@ configuration with its conditions, and the machine it ran on.
     python bench.py memory     # KV bytes/token, blocks, sequences that fit: models x kv dtypes
     python bench.py accuracy   # int8 / fp8 KV cache vs fp32: perplexity, greedy agreement
     python bench.py speculative  # prompt-lookup speculation vs plain decoding; verify cost
+    python bench.py load       # cold process to first token: GGUF and safetensors, vs transformers
     python bench.py all        # every section (kernels only where there is a GPU)
 
 What this is not: a test (tests assert, this measures) or a load generator. Timings on a
@@ -398,6 +399,98 @@ def bench_memory(args):
 def default_model():
     from model import default_model_path
     return str(default_model_path())
+
+
+# ------------------------------------------------------------------------------------------
+# load: a cold process until its first token
+
+LOAD_CHILD = {  # run by `python -c` in a fresh process; prints seconds since the parent's spawn
+    "this engine": """
+import time, sys; T0 = float(sys.argv[2])
+import torch; from generate import LLM, SamplingParams
+t_import = time.time() - T0
+llm = LLM(sys.argv[1], dtype="bfloat16", n_blocks=64)
+t_loaded = time.time() - T0
+llm.generate(["Once upon a time"], SamplingParams(max_new_tokens=1))
+print(t_import, t_loaded, time.time() - T0)
+""",
+    "transformers": """
+import time, sys, os; T0 = float(sys.argv[2])
+import torch; from transformers import AutoModelForCausalLM, AutoTokenizer
+t_import = time.time() - T0
+p = sys.argv[1]; kw = dict(gguf_file=os.path.basename(p)) if p.endswith(".gguf") else {}
+d = os.path.dirname(p) if kw else p
+tok = AutoTokenizer.from_pretrained(d, **kw)
+m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, **kw).eval()
+t_loaded = time.time() - T0
+m.generate(**tok("Once upon a time", return_tensors="pt"), max_new_tokens=1, do_sample=False)
+print(t_import, t_loaded, time.time() - T0)
+""",
+    # the loader this project used before its own GGUF reader: the gguf package's GGUFReader
+    # and numpy dequantization of every tensor (the weights only: no model, no token)
+    "gguf package (GGUFReader + numpy dequantize)": """
+import time, sys; T0 = float(sys.argv[2])
+import torch, gguf, numpy as np
+t_import = time.time() - T0
+r = gguf.GGUFReader(sys.argv[1])
+w = [torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32))
+     for t in r.tensors]
+t = time.time() - T0
+print(t_import, t, float("nan"))
+""",
+}
+
+
+def time_cold_process(who, path) -> list[float]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", LOAD_CHILD[who], path, repr(t0)], cwd=here,
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode:
+        raise ValueError(f"load: {who} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return [float(x) for x in out.stdout.split()[-3:]]
+
+
+def hf_copy_of(path, dest) -> str:
+    """A safetensors directory holding the same model as a GGUF file (written by transformers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    kw = dict(gguf_file=os.path.basename(path))
+    src = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), **kw)
+    config = src.config.to_dict()
+    config.pop("quantization_config", None)  # dequantized already: plain weights from here
+    copy = AutoModelForCausalLM.from_config(type(src.config).from_dict(config))
+    copy.load_state_dict(src.state_dict())
+    copy.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(os.path.dirname(path), **kw).save_pretrained(dest)
+    return dest
+
+
+def bench_load(args):
+    """Seconds from a cold `python` until the model is loaded and until its first token, for
+    the GGUF file and a safetensors directory of the same model, peers interleaved."""
+    import tempfile
+    path = args.model or default_model()
+    print(f"\n## load: cold process to first token, bf16 ({machine()})")
+    print(f"median of {args.repeat} interleaved runs; times include starting Python")
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = [(path, "GGUF" if path.endswith(".gguf") else "safetensors dir")]
+        if path.endswith(".gguf"):
+            sources.append((hf_copy_of(path, os.path.join(tmp, "hf")), "safetensors dir"))
+        runs = [(p, kind, who) for p, kind in sources for who in LOAD_CHILD
+                if who != "gguf package (GGUFReader + numpy dequantize)" or kind == "GGUF"]
+        times = {r: [] for r in runs}
+        for _ in range(args.repeat):
+            for r in runs:
+                times[r].append(time_cold_process(r[2], r[0]))
+    row("format", "loader", "imports s", "loaded s", "first token s", "loaded / engine")
+    row(*["---"] * 6)
+    for p, kind, who in runs:
+        med = [statistics.median(t[i] for t in times[(p, kind, who)]) for i in range(3)]
+        ours = statistics.median(t[1] for t in times[(p, kind, "this engine")])
+        row(kind, who, f"{med[0]:.2f}", f"{med[1]:.2f}",
+            "-" if med[2] != med[2] else f"{med[2]:.2f}", f"{med[1] / ours:.2f}x")
 
 
 def bench_accuracy(args):
@@ -875,7 +968,7 @@ def main(argv=None):
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("what", choices=["engine", "cache", "overhead", "prefix", "throughput",
                                      "capacity", "speculative", "kernels", "memory",
-                                     "accuracy", "all"])
+                                     "accuracy", "load", "all"])
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded)")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--new", type=int, default=64, help="generated tokens for decode rates")
@@ -918,11 +1011,14 @@ def main(argv=None):
     sections = {"engine": bench_engine, "overhead": bench_overhead, "prefix": bench_prefix,
                 "capacity": bench_capacity, "throughput": bench_throughput, "cache": bench_cache,
                 "speculative": bench_speculative, "kernels": bench_kernels,
-                "memory": bench_memory, "accuracy": bench_accuracy}
+                "memory": bench_memory, "accuracy": bench_accuracy, "load": bench_load}
     try:
         for name, run in sections.items():  # `all` runs them in this order
             if name == "kernels" and args.what == "all" and not torch.cuda.is_available():
                 print("\nkernels: skipped, no CUDA GPU here")
+                continue
+            if name == "load" and args.what == "all":
+                print("\nload: cold processes, run by name (python bench.py load)")
                 continue
             if args.what in (name, "all"):
                 run(args)

@@ -70,7 +70,13 @@ def train_bpe(text, n_merges):
     from model import bytes_to_unicode
     char = bytes_to_unicode()
     words = Counter(tuple(char[b] for b in (" " + w).encode()) for w in text.split())
-    vocab = [char[b] for b in range(256)]
+    merges = learn_merges(words, n_merges)
+    vocab = [char[b] for b in range(256)] + [a + b for a, b in merges]
+    return vocab, [f"{a} {b}" for a, b in merges]
+
+
+def learn_merges(words: Counter, n_merges) -> list:
+    """Greedy BPE: merge the most frequent adjacent pair of symbols, n_merges times."""
     merges = []
     for _ in range(n_merges):
         pairs = Counter()
@@ -80,21 +86,21 @@ def train_bpe(text, n_merges):
         if not pairs:
             break
         (a, b), _ = pairs.most_common(1)[0]
-        merges.append(f"{a} {b}")
-        vocab.append(a + b)
-        new = Counter()
-        for w, n in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == (a, b):
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new[tuple(out)] += n
-        words = new
-    return vocab, merges
+        merges.append((a, b))
+        words = Counter({tuple(merge_pair(w, a, b)): n for w, n in words.items()})
+    return merges
+
+
+def merge_pair(w, a, b):
+    out, i = [], 0
+    while i < len(w):
+        if i + 1 < len(w) and (w[i], w[i + 1]) == (a, b):
+            out.append(a + b)
+            i += 2
+        else:
+            out.append(w[i])
+            i += 1
+    return out
 
 
 def write_tokenizer(path: Path):
@@ -110,6 +116,43 @@ def write_tokenizer(path: Path):
     return len(vocab)
 
 
+SPM_TRAIN_TEXT = TRAIN_TEXT + "naïve café, déjà vu; über große Straße. " * 3
+
+
+def train_sentencepiece(text=SPM_TRAIN_TEXT, n_merges=60):
+    """A SentencePiece-style BPE vocabulary as Llama's: <unk>, <s>, </s>, the 256 byte tokens
+    <0xNN>, the characters of text with spaces as "▁" (not every character: the others take
+    the byte fallback), then one piece per merge learned greedily, in merge order.
+    Returns (pieces, merges)."""
+    words = Counter(tuple("▁" + w) for w in text.split())
+    chars = sorted({c for w in words for c in w} - {"é"})  # é: bytes <0xC3><0xA9>
+    merges = learn_merges(words, n_merges)
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + chars
+    return pieces + [a + b for a, b in merges], merges
+
+
+def write_sentencepiece_tokenizer(path: Path, legacy=False, chat_template=None):
+    """A Llama-2-style tokenizer (tokenizer.json + tokenizer_config.json) written by
+    transformers' LlamaTokenizer: Metaspace pre-tokenizer, byte fallback, BOS added. legacy:
+    the older file layout (Llama 2, Mistral 7B v0.1): a Prepend + Replace normalizer and no
+    pre-tokenizer. Returns the vocabulary size."""
+    from transformers import LlamaTokenizer
+    pieces, merges = train_sentencepiece()
+    tok = LlamaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=merges,
+                         add_bos_token=True)
+    if chat_template:
+        tok.chat_template = chat_template
+    tok.save_pretrained(path)
+    if legacy:
+        tj = json.loads((path / "tokenizer.json").read_text())
+        tj["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+        tj["pre_tokenizer"] = None
+        (path / "tokenizer.json").write_text(json.dumps(tj))
+    return len(pieces)
+
+
 TINY = {
     "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=128),
     "llama": dict(num_hidden_layers=2, hidden_size=48, intermediate_size=64,
@@ -123,17 +166,26 @@ TINY = {
 }
 
 
-def make_checkpoint(path: Path, arch="llama", seed=0, shard=False, **overrides):
-    """A random-weight HF checkpoint of a tiny `arch` model in `path`; returns the HF model."""
+def make_checkpoint(path: Path, arch="llama", seed=0, shard=False, tokenizer="bpe", **overrides):
+    """A random-weight HF checkpoint of a tiny `arch` model in `path`; returns the HF model.
+    tokenizer: "bpe" (byte-level), "spm" (SentencePiece-style, Llama 2), "spm-legacy" (its
+    older file layout) or None (no tokenizer files: the vocabulary of the byte-level one)."""
     import transformers
     path.mkdir(parents=True, exist_ok=True)
-    n_vocab = write_tokenizer(path)
+    if tokenizer in ("spm", "spm-legacy"):
+        n_vocab = write_sentencepiece_tokenizer(path, legacy=tokenizer == "spm-legacy")
+    else:
+        n_vocab = write_tokenizer(path)
+        if tokenizer is None:
+            for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+                (path / f).unlink()
     kw = {**TINY[arch], "vocab_size": n_vocab, **overrides}
     cfg_cls = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig,
                "qwen2": transformers.Qwen2Config}[arch]
     cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
            "qwen2": transformers.Qwen2ForCausalLM}[arch]
-    cfg = cfg_cls(**kw, bos_token_id=n_vocab - 1, eos_token_id=n_vocab - 1)
+    bos, eos = (1, 2) if str(tokenizer).startswith("spm") else (n_vocab - 1, n_vocab - 1)
+    cfg = cfg_cls(**kw, bos_token_id=bos, eos_token_id=eos)
     torch.manual_seed(seed)
     hf = cls(cfg).eval()
     with torch.no_grad():  # HF inits some weights to exact 0/1: randomise them all

@@ -220,7 +220,7 @@ def chat_prompts(tokenizer, conversations) -> list:
                 isinstance(m.get("content"), str) for m in conv):
             raise ValueError(f"a conversation is a non-empty list of {{'role': str, "
                              f"'content': str}} messages, not {conv!r:.80}")
-    return [tokenizer.encode(model_mod.apply_chat_template(tokenizer, list(c)))
+    return [model_mod.encode_chat(tokenizer, model_mod.apply_chat_template(tokenizer, list(c)))
             for c in conversations]
 
 
@@ -697,6 +697,9 @@ def parse_args(argv):
                          "an interactive session without one (/help inside)")
     ap.add_argument("--prompt-file", help="file with one prompt per line, generated as a batch "
                                            "(with --chat: one question per line)")
+    ap.add_argument("--token-ids", action="store_true",
+                    help="the prompt (and each line of --prompt-file) is token ids separated by "
+                         "spaces or commas: for a checkpoint without tokenizer files")
     ap.add_argument("--speculative", default=None, metavar="ngram|draft:PATH",
                     help="speculative decoding: drafts from prompt lookup (ngram) or a smaller "
                          "model with the same tokenizer (draft:PATH); off by default")
@@ -721,6 +724,13 @@ def read_prompts(path) -> list:
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts
+
+
+def parse_token_ids(text) -> list:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--token-ids: {text[:40]!r} is not a list of integers") from None
 
 
 CHAT_HELP = """\
@@ -803,7 +813,7 @@ def run_chat(llm, params, speculator, question=None):
         if history_ids and text.startswith(history_text):
             prompt = history_ids + llm.tokenizer.encode(text[len(history_text):], add_bos=False)
         else:
-            prompt = llm.tokenizer.encode(text)
+            prompt = model_mod.encode_chat(llm.tokenizer, text)
         t0 = time.perf_counter()
         out, said = reply(llm, prompt, params, speculator)
         messages.append({"role": "assistant", "content": said})
@@ -837,6 +847,10 @@ def main(argv=None):
         if args.chat and args.prompt_file and args.prompt is not None:
             raise ValueError("--chat takes a question or --prompt-file FILE, not both")
         prompts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt]
+        if args.token_ids:
+            if args.chat:
+                raise ValueError("--token-ids and --chat do not go together")
+            prompts = [parse_token_ids(p) for p in prompts]
         speculator = None
         if args.speculative is not None:
             if args.spec_k < 1 or args.no_cache:

@@ -1,10 +1,10 @@
 """
 GPT-2 and Llama-family transformers over a paged KV cache: configs, forward, weight loading
-(Hugging Face safetensors directories and GGUF files) and a tiktoken tokenizer.
+(Hugging Face safetensors directories and GGUF files) and tokenizers (byte-level BPE on
+tiktoken, SentencePiece-style BPE on Hugging Face tokenizers), chat templates.
 
 What this is not: a training codebase (no dropout, no backward), a general model zoo (GPT-2 and
-Llama-shaped models only: Llama 1-3, Mistral and Qwen2 configs), or a tokenizer library
-(byte-level BPE only, built on tiktoken).
+Llama-shaped models only: Llama 1-3, Mistral and Qwen2 configs), or a tokenizer library.
 
 One shape alphabet, used in every shape comment of this project:
     B sequences in a batch            T new tokens of the packed batch (all sequences)
@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,9 +276,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        # from_pretrained of an empty tensor: no random init (on the meta device nn.Embedding's
+        # normal_ imports torch._dynamo, 1.5 s of a cold start)
+        self.tok_emb = nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.n_embd))
         if cfg.arch == "gpt2":
-            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
+            self.pos_emb = nn.Embedding.from_pretrained(torch.empty(cfg.max_seq_len, cfg.n_embd))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.ParameterDict({"weight": nn.Parameter(torch.empty(cfg.n_embd))})
         if cfg.arch == "gpt2":
@@ -343,13 +346,23 @@ def load(path=None, dtype=torch.float32, device="cpu"):
             raise ValueError(f"{path} is a directory without config.json: not a Hugging Face "
                              "checkpoint")
         model, _ = load_hf_dir(path, dtype, device)
-        return model, tokenizer_from_hf_dir(path)
+        return model, naming(path, tokenizer_from_hf_dir, path)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"{path} is neither a GGUF file nor a Hugging Face checkpoint directory")
-    model, _, reader = load_gguf(path, dtype, device)
-    return model, tokenizer_from_gguf(reader, path)
+    model, _, g = load_gguf(path, dtype, device)
+    return model, naming(path, tokenizer_from_gguf, g, path)
+
+
+def naming(path, fn, *args):
+    """fn(*args), its ValueError naming the file it is about."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -581,49 +594,233 @@ def load_hf_dir(path: Path, dtype, device):
 
 # ------------------------------------------------------------------------------------------
 # GGUF files (llama.cpp), architecture llama
+#
+# The format (github.com/ggml-org/ggml/blob/master/docs/gguf.md) is a header of typed key/value
+# metadata, a table of tensors (name, shape, type, offset), then the tensors' bytes. The gguf
+# package's GGUFReader builds one numpy view per array element: about 3 s for a 49k-token
+# vocabulary (strings, scores and types read one by one). GGUFFile reads the same header in one
+# pass with struct, arrays of numbers in one np.frombuffer each, using the gguf package's own
+# type tables; tensors stay in the memory map until dequantized (dequantize, below), and every
+# size the header claims is checked against the file before anything is read or allocated.
 
-GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-              "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # what gguf.quants dequantizes for us
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                11: "q", 12: "d"}  # gguf.GGUFValueType -> struct format (little-endian)
+GGUF_STRING, GGUF_ARRAY = 8, 9
 
 
-def read_gguf(path: Path):
+class GGUFFile:
+    """A GGUF file's metadata (`fields`: key -> int, float, bool, str or list) and tensor
+    table (`tensors`: name -> (type name, shape outermost first, byte offset, byte count))."""
+
+    def __init__(self, path: Path):
+        import mmap
+        self.path = path
+        with open(path, "rb") as f:
+            try:  # ACCESS_COPY: writable pages for torch.frombuffer, never written back
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except ValueError:  # an empty file
+                raise self.corrupt("empty file") from None
+        self.pos = 0
+        magic, version, n_tensors, n_fields = self.unpack("<4sIQQ")
+        if magic != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        if version not in (2, 3):
+            raise self.corrupt(f"version {version} (this reader knows 2 and 3; big-endian files "
+                               "read as a huge version)")
+        self.fields = {}
+        for _ in range(self.count(n_fields, 12)):
+            key = self.string()
+            self.fields[key] = self.value(self.unpack("<I")[0])
+        self.tensors = {}
+        infos = []
+        for _ in range(self.count(n_tensors, 24)):
+            name = self.string()
+            n_dims = self.unpack("<I")[0]
+            dims = self.unpack(f"<{self.count(n_dims, 8)}Q")
+            kind, offset = self.unpack("<IQ")
+            infos.append((name, tuple(reversed(dims)), kind, offset))  # ggml lists dims inner first
+        align = self.fields.get("general.alignment", 32)
+        if not isinstance(align, int) or align < 1 or align & (align - 1):
+            raise self.corrupt(f"general.alignment {align!r} is not a power of two")
+        self.data_start = -(-self.pos // align) * align
+        import gguf
+        for name, shape, kind, offset in infos:
+            try:
+                kind_name = gguf.GGMLQuantizationType(kind).name
+                block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+            except (ValueError, KeyError):
+                raise self.corrupt(f"tensor {name} has unknown type {kind}") from None
+            n = math.prod(shape)
+            if shape and shape[-1] % block:
+                raise self.corrupt(f"tensor {name}: rows of {shape[-1]} do not fill whole "
+                                   f"{kind_name} blocks of {block}")
+            nbytes = n // block * block_bytes
+            if self.data_start + offset + nbytes > len(self.map):
+                raise self.corrupt(f"tensor {name} ({nbytes} bytes at {offset}) runs past the "
+                                   f"end of the file ({len(self.map)} bytes): truncated?")
+            self.tensors[name] = (kind_name, shape, self.data_start + offset, nbytes)
+
+    def corrupt(self, why):
+        return ValueError(f"{self.path}: not a valid GGUF file ({why})")
+
+    def unpack(self, fmt):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.map):
+            raise self.corrupt(f"the header runs past the end of the file at byte {self.pos}")
+        out = struct.unpack_from(fmt, self.map, self.pos)
+        self.pos += size
+        return out
+
+    def count(self, n, min_bytes):
+        """A count from the header, refused if its items could not fit in the rest of the file."""
+        if n * min_bytes > len(self.map) - self.pos:
+            raise self.corrupt(f"a count of {n} at byte {self.pos} exceeds the file's size")
+        return n
+
+    def string(self):
+        n = self.count(self.unpack("<Q")[0], 1)
+        self.pos += n
+        try:
+            return self.map[self.pos - n:self.pos].decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.corrupt(f"a string at byte {self.pos - n} is not UTF-8") from None
+
+    def value(self, kind):
+        if kind in GGUF_SCALARS:
+            return self.unpack("<" + GGUF_SCALARS[kind])[0]
+        if kind == GGUF_STRING:
+            return self.string()
+        if kind != GGUF_ARRAY:
+            raise self.corrupt(f"unknown value type {kind} at byte {self.pos - 4}")
+        item, n = self.unpack("<IQ")
+        if item in GGUF_SCALARS:  # numbers: one read of the whole array
+            dt = np.dtype("<" + GGUF_SCALARS[item])
+            a = np.frombuffer(self.map, dt, self.count(n, dt.itemsize), self.pos)
+            self.pos += a.nbytes
+            return a.tolist()
+        if item == GGUF_STRING:  # a vocabulary: the loop of string(), inlined
+            out, m, pos = [], self.map, self.pos
+            for _ in range(self.count(n, 8)):
+                k = struct.unpack_from("<Q", m, pos)[0]
+                out.append(m[pos + 8:pos + 8 + k])
+                pos += 8 + k
+            if pos > len(m):
+                raise self.corrupt(f"a string array at byte {self.pos} runs past the end")
+            self.pos = pos
+            try:
+                return [b.decode("utf-8") for b in out]
+            except UnicodeDecodeError:
+                raise self.corrupt(f"a string array at byte {self.pos} is not UTF-8") from None
+        return [self.value(item) for _ in range(self.count(n, 8))]
+
+    def get(self, key, default=None):
+        return self.fields.get(key, default)
+
+    def tensor_bytes(self, name) -> torch.Tensor:
+        _, _, start, nbytes = self.tensors[name]
+        return torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=start)
+
+
+# Dequantization in torch, on the device the weights go to. ggml's block layouts (ggml-common.h):
+# each block of 32 values stores an fp16 scale d (and, for the _1 types, an fp16 minimum m), then
+# the quants: Q8_0 32 int8; Q4 16 bytes, the low nibbles being values 0-15 and the high nibbles
+# values 16-31; Q5 the same plus a 32-bit word of fifth bits. Value = d * q (+ m), or for the
+# symmetric _0 types d * (q - 8) and d * (q - 16). Other types (the K-quants) go through the
+# gguf package's numpy code. Equal, bit for bit, to gguf.quants.dequantize (test_model.py).
+
+def _fp16(blocks, at):
+    return blocks[:, at:at + 2].contiguous().view(torch.float16).float()  # (blocks, 1)
+
+
+def _nibbles(qs):  # (blocks, 16) bytes -> (blocks, 32) values 0..15, ggml's order
+    return torch.cat([qs & 0xF, qs >> 4], 1).float()
+
+
+def _fifth_bits(blocks, at):  # the 32-bit word of fifth bits -> (blocks, 32) values 0 or 16
+    qh = blocks[:, at:at + 4].contiguous().view(torch.int32)
+    return ((qh >> torch.arange(32, device=qh.device)) & 1).float() * 16
+
+
+def _deq_q8_0(b):
+    return _fp16(b, 0) * b[:, 2:].contiguous().view(torch.int8).float()
+
+
+def _deq_q4_0(b):
+    return _fp16(b, 0) * (_nibbles(b[:, 2:]) - 8)
+
+
+def _deq_q4_1(b):
+    return _fp16(b, 0) * _nibbles(b[:, 4:]) + _fp16(b, 2)
+
+
+def _deq_q5_0(b):
+    return _fp16(b, 0) * (_nibbles(b[:, 6:]) + _fifth_bits(b, 2) - 16)
+
+
+def _deq_q5_1(b):
+    return _fp16(b, 0) * (_nibbles(b[:, 8:]) + _fifth_bits(b, 4)) + _fp16(b, 2)
+
+
+GGUF_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+GGUF_BLOCKS = {"Q8_0": _deq_q8_0, "Q4_0": _deq_q4_0, "Q4_1": _deq_q4_1, "Q5_0": _deq_q5_0,
+               "Q5_1": _deq_q5_1}
+GGUF_NUMPY = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # through gguf.quants
+GGUF_TYPES = tuple(GGUF_TORCH) + tuple(GGUF_BLOCKS) + GGUF_NUMPY
+
+
+def dequantize(raw: torch.Tensor, kind: str, shape, device="cpu") -> torch.Tensor:
+    """A GGUF tensor's bytes (uint8) as a float tensor of `shape` (float32 for quantized types,
+    the stored dtype for F32/F16/BF16)."""
+    if kind in GGUF_TORCH:
+        return raw.to(device).view(GGUF_TORCH[kind]).reshape(shape)
+    if kind in GGUF_BLOCKS:
+        blocks = raw.to(device).view(-1, raw.numel() * 32 // math.prod(shape))  # one block a row
+        return GGUF_BLOCKS[kind](blocks).reshape(shape)
     import gguf
+    arr = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[kind])
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape).to(device)
+
+
+def read_gguf(path: Path) -> GGUFFile:
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises anything from struct errors to IndexError
-        raise ValueError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+        return GGUFFile(path)
+    except (struct.error, OverflowError) as e:
+        raise ValueError(f"{path}: not a valid GGUF file ({e})") from None
 
 
-def gguf_field(reader, key, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
-def config_from_gguf(reader, path):
-    arch = gguf_field(reader, "general.architecture")
+def config_from_gguf(g: GGUFFile, path):
+    arch = g.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
-    g = lambda k, d=None: gguf_field(reader, f"llama.{k}", d)  # noqa: E731
-    n_head = int(g("attention.head_count"))
-    n_embd = int(g("embedding_length"))
-    n_vocab = g("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    rope, scaling = None, g("rope.scaling.type")
+
+    def key(name, default=None, kind=int):  # a number the header must hold (or a default)
+        v = g.get(f"{arch}.{name}", default)
+        if v is None:
+            raise ValueError(f"{path}: GGUF key {arch}.{name} is missing")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{path}: GGUF key {arch}.{name} is {v!r}, not a number")
+        return kind(v)
+    n_head, n_embd = key("attention.head_count"), key("embedding_length")
+    tokens = g.get("tokenizer.ggml.tokens")
+    n_vocab = len(tokens) if isinstance(tokens, list) else \
+        g.tensors.get("token_embd.weight", (None, (None,)))[1][0]  # (V, C)
+    rope, scaling = None, g.get(f"{arch}.rope.scaling.type")
     if scaling == "linear":
-        rope = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
+        rope = {"rope_type": "linear", "factor": key("rope.scaling.factor", kind=float)}
     elif scaling not in (None, "none"):
-        raise ValueError(f"{path}: llama.rope.scaling.type={scaling!r} is not supported "
+        raise ValueError(f"{path}: {arch}.rope.scaling.type={scaling!r} is not supported "
                          "(none, linear)")
-    names = {t.name for t in reader.tensors}
     return LlamaConfig(
-        n_layer=int(g("block_count")), n_embd=n_embd, n_head=n_head,
-        n_kv_head=int(g("attention.head_count_kv", n_head)),
-        head_dim=int(g("attention.key_length", n_embd // n_head)),
-        n_hidden=int(g("feed_forward_length")), vocab_size=int(n_vocab),
-        max_seq_len=int(g("context_length")), norm_eps=float(g("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(g("rope.freq_base", 10000.0)), rope_scaling=rope,
-        tie_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_q.bias" in names)
+        n_layer=key("block_count"), n_embd=n_embd, n_head=n_head,
+        n_kv_head=key("attention.head_count_kv", n_head),
+        head_dim=key("attention.key_length", n_embd // max(n_head, 1)),
+        n_hidden=key("feed_forward_length"),
+        vocab_size=key("vocab_size", n_vocab),
+        max_seq_len=key("context_length"),
+        norm_eps=key("attention.layer_norm_rms_epsilon", kind=float),
+        rope_theta=key("rope.freq_base", 10000.0, float), rope_scaling=rope,
+        tie_embeddings="output.weight" not in g.tensors,
+        qkv_bias="blk.0.attn_q.bias" in g.tensors)
 
 
 def unpermute_rope_rows(w, n_head):
@@ -638,35 +835,28 @@ def unpermute_rope_rows(w, n_head):
 
 
 def load_gguf(path: Path, dtype, device):
-    import gguf
-    reader = read_gguf(path)
-    cfg = config_from_gguf(reader, path)
+    g = read_gguf(path)
+    cfg = config_from_gguf(g, path)
     sd, freq_factors = {}, None
-    for t in reader.tensors:
-        kind = t.tensor_type.name
+    for name, (kind, shape, _, _) in g.tensors.items():
         if kind not in GGUF_TYPES:
-            raise ValueError(f"{path}: tensor {t.name} has unsupported type {kind} "
+            raise ValueError(f"{path}: tensor {name} has unsupported type {kind} "
                              f"(supported: {', '.join(GGUF_TYPES)})")
         try:
-            ours = rename(t.name, GGUF_LLAMA, GGUF_LLAMA_DROPPED)
+            ours = rename(name, GGUF_LLAMA, GGUF_LLAMA_DROPPED)
         except KeyError:
-            raise ValueError(f"{path}: unknown tensor {t.name}") from None
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # ggml lists dims inner first
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: tensor {t.name} is corrupt ({e})") from None
-        w = torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
+            raise ValueError(f"{path}: unknown tensor {name}") from None
+        w = dequantize(g.tensor_bytes(name), kind, shape, device)
         if ours is None:
             freq_factors = w
             continue
-        if t.name.endswith("attn_q.weight") or t.name.endswith("attn_q.bias"):
+        if name.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute_rope_rows(w, cfg.n_head)
-        elif t.name.endswith("attn_k.weight") or t.name.endswith("attn_k.bias"):
+        elif name.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute_rope_rows(w, cfg.n_kv_head)
         sd[ours] = w
     model = build_model(cfg, sd, dtype, device, str(path), freq_factors)
-    return model, cfg, reader
+    return model, cfg, g
 
 
 # ------------------------------------------------------------------------------------------
@@ -706,20 +896,24 @@ class Tokenizer:
                  bos_id=None, eos_ids=(), add_bos=False, chat_template="", unk_id=None):
         import tiktoken
         char_of = bytes_to_unicode()
-        byte_of = {c: b for b, c in char_of.items()}
+        to_bytes = str.maketrans({c: chr(b) for b, c in char_of.items()})  # then latin-1
+        to_text = str.maketrans({chr(b): c for b, c in char_of.items()})
         ids = {t: i for i, t in enumerate(vocab) if t is not None}
         ranks = {}  # token bytes -> merge priority: the 256 bytes first, then merges in order
         for b in range(256):
             ranks[bytes([b])] = len(ranks)
         for m in merges:
             a, b = m.split(" ", 1) if isinstance(m, str) else m
-            tok = bytes(byte_of[c] for c in a + b)
+            try:
+                tok = (a + b).translate(to_bytes).encode("latin-1")
+            except UnicodeEncodeError:
+                raise ValueError(f"tokenizer: merge {m!r} is not byte-level BPE") from None
             ranks.setdefault(tok, len(ranks))
         n_ranks = len(ranks)
         self.id_of_rank = np.zeros(n_ranks + len(special), dtype=np.int64)
         self.rank_of_id = np.full(len(vocab), -1, dtype=np.int64)
         for tok, r in ranks.items():
-            text = "".join(char_of[b] for b in tok)
+            text = tok.decode("latin-1").translate(to_text)
             if text in ids:
                 self.id_of_rank[r] = ids[text]
                 self.rank_of_id[ids[text]] = r
@@ -738,6 +932,7 @@ class Tokenizer:
         self.vocab_size = len(vocab)
         self.bos_id, self.add_bos = bos_id, add_bos
         self.eos_ids = set(eos_ids) | {special[t] for t in STOP_TOKENS if t in special}
+        self.eos_id = next(iter(eos_ids), None)  # the one a chat template writes
         self.chat_template = chat_template or ""
 
     def encode(self, text: str, add_bos=None) -> list[int]:
@@ -772,31 +967,144 @@ class StreamDecoder:
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, token_id) -> str:
-        return self.utf8.decode(self.tok.decode_bytes([token_id]))
+        try:
+            return self.utf8.decode(self.tok.decode_bytes([token_id]))
+        except ValueError:  # an id the model has but its tokenizer lacks: shown, not fatal
+            return self.flush() + "\ufffd"
 
     def flush(self) -> str:
         return self.utf8.decode(b"", final=True)
 
 
-def tokenizer_from_gguf(reader, path):
-    model = gguf_field(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
+# ------------------------------------------------------------------------------------------
+# tokenizer: SentencePiece-style BPE (Llama 1/2, Mistral, TinyLlama) on Hugging Face tokenizers
+#
+# These vocabularies spell a space as "▁" and add one before the text, merge pieces in order of
+# the merged piece's score, and spell a byte that no piece holds as a token "<0xNN>" (byte
+# fallback). tiktoken knows none of this; the `tokenizers` library (the one transformers runs)
+# reads tokenizer.json exactly as the checkpoint wrote it, and runs a vocabulary that a GGUF
+# gives as pieces and scores once merges are derived from the scores (spm_from_pieces).
+
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class SentencePieceTokenizer:
+    """encode(str) -> ids, decode(ids) -> str, the same interface as Tokenizer. decode gives
+    the text as the tokenizer's own decoder does (the leading "▁" it added removed);
+    decode_bytes and stream() give a continuation: each token's bytes, a space for every "▁"."""
+
+    def __init__(self, tk, bos_id=None, eos_ids=(), add_bos=False, chat_template=""):
+        self.tk = tk
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        self.special = {t.content: i for i, t in tk.get_added_tokens_decoder().items()}
+        self.bos_id, self.add_bos = bos_id, add_bos
+        self.eos_ids = set(eos_ids) | {self.special[t] for t in STOP_TOKENS if t in self.special}
+        self.eos_id = next(iter(eos_ids), None)  # the one a chat template writes
+        self.chat_template = chat_template or ""
+        self.piece_bytes = []  # token id -> the bytes it stands for in a continuation
+        for i in range(self.vocab_size):
+            piece = tk.id_to_token(i) or ""
+            m = BYTE_PIECE.fullmatch(piece)
+            self.piece_bytes.append(bytes([int(m.group(1), 16)]) if m else
+                                    piece.replace("▁", " ").encode("utf-8"))
+
+    def encode(self, text: str, add_bos=None) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def check(self, ids):
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise ValueError(f"token ids outside the tokenizer's vocabulary of {self.vocab_size}")
+        return ids
+
+    def decode_bytes(self, ids) -> bytes:
+        return b"".join(self.piece_bytes[i] for i in self.check(list(ids)))
+
+    def decode(self, ids) -> str:
+        return self.tk.decode(self.check(list(ids)), skip_special_tokens=False)
+
+    def stream(self):
+        return StreamDecoder(self)
+
+
+def spm_from_pieces(pieces, scores, kinds, add_space_prefix=True):
+    """A `tokenizers` BPE for a SentencePiece vocabulary given as pieces, scores and token
+    types (a GGUF's tokenizer.ggml.*). SentencePiece merges the adjacent pair whose merged piece
+    scores highest; BPE merges the pair of best rank: so every split of a normal piece into two
+    pieces of the vocabulary becomes a merge, ranked by the merged piece's score (ties: the
+    lower id, then the shorter left part)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    vocab = {}
+    for i, p in enumerate(pieces):
+        vocab.setdefault(p, i)
+    merges = []
+    for i, (p, kind) in enumerate(zip(pieces, kinds)):
+        if kind != 1 or vocab[p] != i:  # normal pieces only
+            continue
+        merges += [(-scores[i], i, k, p[:k], p[k:]) for k in range(1, len(p))
+                   if p[:k] in vocab and p[k:] in vocab]
+    merges.sort()
+    unk = next((p for p, k in zip(pieces, kinds) if k == 2), None)
+    tk = Tokenizer(models.BPE(vocab, [(a, b) for *_, a, b in merges], unk_token=unk,
+                              fuse_unk=True, byte_fallback=True))
+    steps = [normalizers.Prepend("▁")] if add_space_prefix else []
+    tk.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                    decoders.Fuse()] +
+                                   [decoders.Strip(" ", 1, 0)] * add_space_prefix)
+    tk.add_special_tokens([AddedToken(p, special=True, normalized=False)
+                           for p, k in zip(pieces, kinds) if k in (3, 4)])  # control, user
+    return tk
+
+
+GGUF_TOKEN_TYPES = range(1, 7)  # normal, unknown, control, user defined, unused, byte
+
+
+def tokenizer_from_gguf(g: GGUFFile, path):
+    model = g.get("tokenizer.ggml.model")
+    if model is None and not any(k.startswith("tokenizer.ggml.") for k in g.fields):
+        return MissingTokenizer(path, 0)  # no tokenizer in the file: token-id prompts only
+    if model not in ("gpt2", "llama"):
         raise ValueError(f"{path}: tokenizer model {model!r} is not supported (byte-level BPE "
-                         "'gpt2' only)")
-    vocab = list(gguf_field(reader, "tokenizer.ggml.tokens"))
-    kinds = list(gguf_field(reader, "tokenizer.ggml.token_type"))
-    merges = list(gguf_field(reader, "tokenizer.ggml.merges"))
+                         "'gpt2' and SentencePiece BPE 'llama')")
+    pieces, kinds = g.get("tokenizer.ggml.tokens"), g.get("tokenizer.ggml.token_type")
+    if not isinstance(pieces, list) or not all(isinstance(p, str) for p in pieces):
+        raise ValueError(f"{path}: tokenizer.ggml.tokens is missing or not a list of strings")
+    if not isinstance(kinds, list) or len(kinds) != len(pieces) or \
+            not set(kinds) <= set(GGUF_TOKEN_TYPES):
+        raise ValueError(f"{path}: tokenizer.ggml.token_type does not give one type (1-6) per "
+                         "token")
+    if model == "llama":
+        scores = g.get("tokenizer.ggml.scores")
+        if not isinstance(scores, list) or len(scores) != len(pieces):
+            raise ValueError(f"{path}: tokenizer.ggml.scores does not give one score per token")
+        tk = spm_from_pieces(pieces, scores, kinds, g.get("tokenizer.ggml.add_space_prefix", True))
+        eos = g.get("tokenizer.ggml.eos_token_id")
+        return SentencePieceTokenizer(
+            tk, bos_id=g.get("tokenizer.ggml.bos_token_id"), eos_ids=[] if eos is None else [eos],
+            add_bos=bool(g.get("tokenizer.ggml.add_bos_token", True)),  # llama.cpp's default
+            chat_template=g.get("tokenizer.chat_template", ""))
+    return byte_level_from_gguf(g, path)
+
+
+def byte_level_from_gguf(g: GGUFFile, path):
+    vocab, kinds = list(g.get("tokenizer.ggml.tokens")), g.get("tokenizer.ggml.token_type")
+    merges = g.get("tokenizer.ggml.merges")
+    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+        raise ValueError(f"{path}: tokenizer.ggml.merges is missing or not a list of strings")
     special = {t: i for i, (t, k) in enumerate(zip(vocab, kinds)) if k in (3, 4)}  # control, user
     for t in special:  # special tokens are matched whole, never merged
         vocab[special[t]] = None
-    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
-    pre = gguf_field(reader, "tokenizer.ggml.pre", "default")
+    eos = g.get("tokenizer.ggml.eos_token_id")
+    pre = g.get("tokenizer.ggml.pre", "default")
     tok = Tokenizer(vocab, merges, special, GGUF_PRE_PATTERNS.get(pre, GPT2_PATTERN),
-                    bos_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+                    bos_id=g.get("tokenizer.ggml.bos_token_id"),
                     eos_ids=[] if eos is None else [int(eos)],
-                    add_bos=bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)),
-                    unk_id=gguf_field(reader, "tokenizer.ggml.unknown_token_id"),
-                    chat_template=gguf_field(reader, "tokenizer.chat_template", ""))
+                    add_bos=bool(g.get("tokenizer.ggml.add_bos_token", False)),
+                    unk_id=g.get("tokenizer.ggml.unknown_token_id"),
+                    chat_template=g.get("tokenizer.chat_template", ""))
     tok.vocab_size = len(vocab)
     return tok
 
@@ -813,12 +1121,58 @@ def pattern_from_tokenizer_json(pre) -> str:
     return GPT2_PATTERN
 
 
+class MissingTokenizer:
+    """The tokenizer of a checkpoint without tokenizer files: prompts must be token ids, and
+    the text of a completion is its token ids, each after a space."""
+
+    def __init__(self, path, vocab_size, eos_ids=()):
+        self.path, self.vocab_size, self.eos_ids = path, vocab_size, set(eos_ids)
+        self.eos_id = next(iter(eos_ids), None)
+        self.bos_id, self.add_bos, self.special, self.chat_template = None, False, {}, ""
+
+    def encode(self, text: str, add_bos=None) -> list[int]:
+        raise ValueError(f"{self.path} has no tokenizer files (tokenizer.json, or vocab.json "
+                         "and merges.txt): give prompts as token ids")
+
+    def decode_bytes(self, ids) -> bytes:
+        return "".join(f" {i}" for i in ids).encode()
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode()
+
+    def stream(self):
+        return StreamDecoder(self)
+
+
+def is_byte_level(tj: dict) -> bool:
+    """Whether a tokenizer.json is byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM): a ByteLevel
+    pre-tokenizer or decoder. The others (Metaspace, byte fallback) are SentencePiece-style."""
+    return '"ByteLevel"' in json.dumps([tj.get("pre_tokenizer"), tj.get("decoder")])
+
+
 def tokenizer_from_hf_dir(path: Path):
     def read_json(name):
         p = path / name
-        return json.loads(p.read_text()) if p.exists() else {}
+        try:
+            return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: cannot read ({e})") from None
     tj, tc, gen, cfg = (read_json(n) for n in ("tokenizer.json", "tokenizer_config.json",
                                               "generation_config.json", "config.json"))
+    if not all(isinstance(x, dict) for x in (tj, tc, gen)):
+        raise ValueError(f"{path}: a tokenizer file holds no JSON object")
+    if (path / "chat_template.jinja").exists():  # where transformers writes it now
+        tc = {**tc, "chat_template": (path / "chat_template.jinja").read_text(encoding="utf-8")}
+    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if tj and not is_byte_level(tj):
+        return sentencepiece_from_hf(path, tj, tc, eos)
+    if not tj and not (path / "vocab.json").exists():
+        if (path / "tokenizer.model").exists():
+            raise ValueError(f"{path}: tokenizer.model (SentencePiece's protobuf) is not read; "
+                             "a tokenizer.json is needed (transformers writes one with "
+                             "AutoTokenizer.from_pretrained(...).save_pretrained(...))")
+        return MissingTokenizer(path, cfg.get("vocab_size", 0), eos)
     if (path / "vocab.json").exists() and (path / "merges.txt").exists():
         token_ids = read_json("vocab.json")
         merges = [ln for ln in (path / "merges.txt").read_text(encoding="utf-8").splitlines()
@@ -839,8 +1193,6 @@ def tokenizer_from_hf_dir(path: Path):
     def token_id(x):
         x = x.get("content") if isinstance(x, dict) else x
         return special.get(x, token_ids.get(x)) if x is not None else None
-    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
-    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
     if token_id(tc.get("eos_token")) is not None:
         eos = eos + [token_id(tc.get("eos_token"))]
     return Tokenizer(vocab, merges, special, pattern_from_tokenizer_json(tj.get("pre_tokenizer")),
@@ -849,19 +1201,57 @@ def tokenizer_from_hf_dir(path: Path):
                      chat_template=tc.get("chat_template") or "")
 
 
-def apply_chat_template(tok: Tokenizer, messages: list[dict]) -> str:
-    """The prompt text of a conversation, ending where the assistant's reply begins. Knows
-    ChatML (SmolLM, Qwen) and Llama 3 headers; other models get a plain transcript. A default
-    system message written into the checkpoint's own template is kept."""
-    if "<|im_start|>" in tok.special:
-        m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", tok.chat_template)
-        if m and (not messages or messages[0]["role"] != "system"):
-            messages = [{"role": "system", "content": m.group(1)}] + messages
-        body = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return body + "<|im_start|>assistant\n"
-    if "<|start_header_id|>" in tok.special:
-        body = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}"
-                       "<|eot_id|>" for m in messages)
-        return "<|begin_of_text|>" * (not tok.add_bos) + body + \
-            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+def sentencepiece_from_hf(path, tj, tc, eos):
+    from tokenizers import Tokenizer as HFTokenizer
+    try:
+        tk = HFTokenizer.from_str(json.dumps(tj))
+    except Exception as e:  # the Rust side raises its own exception type
+        raise ValueError(f"{path}/tokenizer.json: cannot build the tokenizer ({e})") from None
+    vocab = tk.get_vocab(with_added_tokens=True)
+
+    def token_id(x):
+        x = x.get("content") if isinstance(x, dict) else x
+        return vocab.get(x) if isinstance(x, str) else None
+    bos = token_id(tc.get("bos_token"))
+    post = json.dumps(tj.get("post_processor"))  # adds BOS itself when the file says nothing
+    add_bos = tc.get("add_bos_token", bos is not None and
+                     f'"id": {json.dumps(tk.id_to_token(bos))}' in post)
+    if token_id(tc.get("eos_token")) is not None:
+        eos = eos + [token_id(tc.get("eos_token"))]
+    return SentencePieceTokenizer(tk, bos_id=bos, eos_ids=eos, add_bos=bool(add_bos),
+                                  chat_template=tc.get("chat_template") or "")
+
+
+def apply_chat_template(tok, messages: list[dict]) -> str:
+    """The prompt text of a conversation, ending where the assistant's reply begins: the
+    checkpoint's own chat template (Jinja, as transformers renders it: ChatML for SmolLM and
+    Qwen, [INST] for Llama 2 and Mistral, headers for Llama 3, each with its default system
+    message and BOS). A checkpoint without one gets a plain transcript."""
+    if tok.chat_template:
+        return render_chat_template(tok, messages)
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+
+
+def render_chat_template(tok, messages) -> str:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"the chat template refuses the conversation: {message}")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: __import__("datetime").datetime.now().strftime(fmt))
+    text_of = lambda i: tok.decode([i]) if i is not None else ""  # noqa: E731
+    try:
+        return env.from_string(tok.chat_template).render(
+            messages=messages, add_generation_prompt=True, bos_token=text_of(tok.bos_id),
+            eos_token=text_of(tok.eos_id))
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the checkpoint's chat template fails: {e}") from None
+
+
+def encode_chat(tok, text) -> list[int]:
+    """A rendered conversation's token ids: BOS only where the template did not write it."""
+    bos = tok.decode([tok.bos_id]) if tok.bos_id is not None and tok.chat_template else None
+    return tok.encode(text, add_bos=False if bos and text.startswith(bos) else None)

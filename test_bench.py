@@ -59,3 +59,15 @@ def test_bench_kernels_runs(capsys):
         assert any(r.startswith(f"| {shape} | ") and r.endswith("x |") for r in rows), shape
     n_prefill = 1 if sizes else 3  # the default: 1k, 4k and 16k tokens
     assert sum(r.startswith("| causal, batch 1 | ") for r in rows) == 2 * n_prefill
+
+
+def test_bench_load_times_cold_processes(tiny_dir, capsys):
+    """The load section: each loader in its own cold process, interleaved, one row each, the
+    ratio to this engine's load in the same run."""
+    assert bench.main(["load", "--model", str(tiny_dir("gpt2")), "--repeat", "1"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    ours = next(r for r in rows if r.startswith("| safetensors dir | this engine | "))
+    theirs = next(r for r in rows if r.startswith("| safetensors dir | transformers | "))
+    assert ours.endswith(" | 1.00x |") and theirs.endswith("x |")
+    imports, loaded, first = (float(c) for c in ours.split(" | ")[2:5])
+    assert 0 < imports < loaded <= first  # (two decimals: a tiny model answers at once)

@@ -4,6 +4,7 @@ every step, greedy tokens), batched == one at a time, preempted == never preempt
 prefill == whole prefill; sampling, stop strings and streaming; every bad input gives one
 clear error (API and CLI); the golden continuation of the real model.
 """
+import copy
 import io
 import json
 import os
@@ -230,6 +231,7 @@ def cli(capsys, monkeypatch):
     def run(*args, stdin=None):
         if stdin is not None:
             monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        capsys.readouterr()  # what fixtures printed before is not the command's
         code = main(list(args))
         out = capsys.readouterr()
         return code, out.out, out.err
@@ -249,6 +251,24 @@ def bad_files(tmp_path_factory):
     data = (d / "ok.gguf").read_bytes()
     (d / "cut.gguf").write_bytes(data[:len(data) // 2])
     (d / "text.txt").write_text("not a model")
+    for name, key in [("heads", "llama.attention.head_count"), ("blocks", "llama.block_count"),
+                      ("eps", "llama.attention.layer_norm_rms_epsilon"),
+                      ("tokens", "tokenizer.ggml.tokens")]:
+        write_gguf(d / f"no-{name}.gguf", hf, drop_keys=[key])
+    write_gguf(d / "rope.gguf", hf, strings={"llama.rope.scaling.type": "weird"})
+    huge = copy.copy(hf)  # the same weights under a header that claims 10^9 blocks
+    huge.config = copy.deepcopy(hf.config)
+    huge.config.num_hidden_layers = 10**9
+    write_gguf(d / "huge.gguf", huge)
+    llama = json.loads((d / "hf" / "config.json").read_text())
+    configs = {"list": [], "null": None, "bare": {"model_type": "llama"},
+               "no-ffn": {k: v for k, v in llama.items() if k != "intermediate_size"},
+               "refused": {**llama, "hidden_act": "gelu"}}
+    for name, config in configs.items():
+        (d / f"config-{name}").mkdir()
+        (d / f"config-{name}" / "config.json").write_text(json.dumps(config))
+    (d / "unreadable" / "config.json").mkdir(parents=True)  # exists, cannot be read as a file
+    make_checkpoint(d / "no-tokenizer", "llama", tokenizer=None)
     return d
 
 
@@ -316,11 +336,19 @@ def test_cli_prompt_file_and_chat(tiny_dir, tmp_path, cli):
     assert err.count("[1 request") == 2
 
 
-@pytest.mark.parametrize("case", [
+BAD_INPUT = [
     "empty", "context", "missing", "text", "arch", "type", "cut", "temperature", "top_p",
-    "top_k", "max_new", "kv_budget", "kv_budget_unit", "no_prompt"])
+    "top_k", "max_new", "kv_budget", "kv_budget_unit", "no_prompt", "no-heads", "no-blocks",
+    "no-eps", "no-tokens", "rope", "huge", "config-list", "config-null", "config-bare",
+    "config-no-ffn", "config-refused", "unreadable", "kv_budget_huge", "n_blocks_huge",
+    "text_without_tokenizer", "token_ids_not_ints", "token_ids_range", "token_ids_chat"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
 def test_cli_bad_input_is_one_clear_line(tiny_dir, bad_files, cli, case):
+    """Every bad file and value: one line, exit code 2, no traceback."""
     m = ["--model", str(tiny_dir("llama"))]
+    bad = lambda name: ["hi", "--model", str(bad_files / name)]  # noqa: E731
     args, match = {
         "empty": (["", *m], "empty prompt"),
         "context": (["hi", *m, "--max-new-tokens", "300"], "beyond the model's context of 256"),
@@ -336,6 +364,24 @@ def test_cli_bad_input_is_one_clear_line(tiny_dir, bad_files, cli, case):
         "kv_budget": (["hi", *m, "--n-blocks", "1", "--block-size", "4"], "too small for one"),
         "kv_budget_unit": (["hi", *m, "--kv-budget", "2 parsecs"], "give bytes with a unit"),
         "no_prompt": (m, "give a PROMPT"),
+        "no-heads": (bad("no-heads.gguf"), "GGUF key llama.attention.head_count is missing"),
+        "no-blocks": (bad("no-blocks.gguf"), "GGUF key llama.block_count is missing"),
+        "no-eps": (bad("no-eps.gguf"), "llama.attention.layer_norm_rms_epsilon is missing"),
+        "no-tokens": (bad("no-tokens.gguf"), "tokenizer.ggml.tokens is missing"),
+        "rope": (bad("rope.gguf"), "rope.scaling.type='weird' is not supported"),
+        "huge": (bad("huge.gguf"), "the config says 1000000000 layers, the file holds weights of 2"),
+        "config-list": (bad("config-list"), r"config.json holds \[\], not a JSON object"),
+        "config-null": (bad("config-null"), "config.json holds null, not a JSON object"),
+        "config-bare": (bad("config-bare"), "config.json: no '.*' \\(a llama config needs it\\)"),
+        "config-no-ffn": (bad("config-no-ffn"), "config.json: no 'intermediate_size'"),
+        "config-refused": (bad("config-refused"), 'hidden_act="gelu" is not supported'),
+        "unreadable": (bad("unreadable"), "config.json: cannot read"),
+        "kv_budget_huge": (["hi", *m, "--kv-budget", "100TiB"], "more than the"),
+        "n_blocks_huge": (["hi", *m, "--n-blocks", str(10**12)], r"at most \d+ blocks of 16 fit"),
+        "text_without_tokenizer": (bad("no-tokenizer"), "has no tokenizer files .* token ids"),
+        "token_ids_not_ints": (["1 2 x", *m, "--token-ids"], "'1 2 x' is not a list of integers"),
+        "token_ids_range": (["1 99999", *m, "--token-ids"], "token id 99999 outside the vocab"),
+        "token_ids_chat": (["1 2", *m, "--token-ids", "--chat"], "do not go together"),
     }[case]
     code, _, err = cli(*args)
     assert code == 2

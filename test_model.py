@@ -8,6 +8,7 @@ import copy
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,9 +177,12 @@ def llamacpp_permute(w, n_head):
         .reshape(w.shape)
 
 
-def write_gguf(path, hf, qtype="F32", arch="llama", skip=(), extra=None, strings=None):
+def write_gguf(path, hf, qtype="F32", arch="llama", skip=(), extra=None, strings=None,
+               tokenizer="gpt2", drop_keys=()):
     """Write an HF Llama model as a llama.cpp-style GGUF, every 2-D weight stored as qtype
-    (extra: more tensors; strings: more string metadata)."""
+    (extra: more tensors; strings: more string metadata). tokenizer: "gpt2" (byte-level BPE),
+    "llama" (SentencePiece: conftest.train_sentencepiece's pieces, scored as llama.cpp's
+    converter scores them) or None."""
     cfg = hf.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
@@ -189,14 +193,24 @@ def write_gguf(path, hf, qtype="F32", arch="llama", skip=(), extra=None, strings
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    vocab, merges = __import__("conftest").train_bpe(TRAIN_TEXT, 40)
-    vocab = vocab + ["<|endoftext|>"] + [f"<pad{i}>" for i in range(cfg.vocab_size - len(vocab) - 1)]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(vocab)
-    w.add_token_types([1] * 296 + [3] * (cfg.vocab_size - 296))
-    w.add_token_merges(merges)
-    w.add_eos_token_id(296)
+    if tokenizer == "gpt2":
+        vocab, merges = __import__("conftest").train_bpe(TRAIN_TEXT, 40)
+        vocab = vocab + ["<|endoftext|>"] + [f"<pad{i}>" for i in range(cfg.vocab_size - len(vocab) - 1)]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(vocab)
+        w.add_token_types([1] * 296 + [3] * (cfg.vocab_size - 296))
+        w.add_token_merges(merges)
+        w.add_eos_token_id(296)
+    elif tokenizer == "llama":  # SentencePiece: pieces, a score each (best merges first), types
+        pieces, _ = __import__("conftest").train_sentencepiece()
+        w.add_tokenizer_model("llama")
+        w.add_token_list(pieces)
+        w.add_token_scores([0.0] * 3 + [0.0] * 256 + [-float(i) for i in range(len(pieces) - 259)])
+        w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (len(pieces) - 259))
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
     inv = {v: k for k, v in M.GGUF_LLAMA.items()}
     h, k = cfg.num_attention_heads, cfg.num_key_value_heads
     for name, t in hf.state_dict().items():
@@ -222,6 +236,8 @@ def write_gguf(path, hf, qtype="F32", arch="llama", skip=(), extra=None, strings
         w.add_tensor(name, a)
     for key, value in (strings or {}).items():
         w.add_string(key, value)
+    for key in drop_keys:
+        del w.kv_data[0][key]
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -265,6 +281,263 @@ def test_gguf_tensor_types_dequantize_exactly(gguf_llama, qtype):
     ids = list(range(5, 30))  # and the model still follows transformers, within the rounding
     err = (our_logits(ours, ids) - hf(torch.tensor([ids])).logits[0]).abs().max()
     assert err < {"F16": 0.05, "BF16": 0.3, "Q8_0": 0.3, "Q4_0": 3, "Q4_1": 3}[qtype]
+
+
+SPM_TEXTS = TEXTS + ["<s>hi</s> there", " x", "été, 日本 déjà", "\u00e9\n\n  é", "▁ literal"]
+
+
+def check_tokenizer(ours, encode, texts=SPM_TEXTS, decode=None):
+    """ours encodes as `encode` does, decodes back to the text (as `decode` does), and
+    streams a continuation whose pieces join to the bytes of its tokens."""
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == encode(text), text
+        if decode is not None:
+            assert ours.decode(ids) == decode(ids), text
+        stream = ours.stream()
+        streamed = "".join(stream.feed(i) for i in ids) + stream.flush()
+        assert streamed == ours.decode_bytes(ids).decode("utf-8", errors="replace"), text
+
+
+@pytest.mark.parametrize("layout", ["spm", "spm-legacy"])
+def test_sentencepiece_tokenizer_json_matches_transformers(tmp_path, layout):
+    """Llama-2-style tokenizer.json (Metaspace, or the older Prepend + Replace normalizer),
+    byte fallback for characters no piece holds, BOS added: token for token as transformers'
+    tokenizer over the same file; decoded back to the text."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    __import__("conftest").write_sentencepiece_tokenizer(tmp_path, legacy=layout == "spm-legacy")
+    ours = M.tokenizer_from_hf_dir(tmp_path)
+    assert isinstance(ours, M.SentencePieceTokenizer) and ours.add_bos and ours.bos_id == 1
+    # transformers 5's LlamaTokenizer rebuilds a Metaspace pipeline whatever the file says; its
+    # generic fast tokenizer runs the file as written, as SentencePiece itself would
+    theirs = AutoTokenizer.from_pretrained(tmp_path) if layout == "spm" else \
+        PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    check_tokenizer(ours, theirs.encode, decode=theirs.decode)
+    for text in SPM_TEXTS:  # (Metaspace adds no "▁" before a leading space, yet strips one)
+        if "<s>" not in text and "▁" not in text and (layout == "spm-legacy" or not text[:1].isspace()):
+            assert ours.decode(ours.encode(text, add_bos=False)) == text
+    assert ours.encode("é") == [1, 297, 0xC3 + 3, 0xA9 + 3]  # ▁, then the bytes of é
+    assert ours.decode_bytes(ours.encode("a é", add_bos=False)) == " a é".encode()
+
+
+def spm_reference(pieces, scores, text, specials=("<s>", "</s>")):
+    """SentencePiece BPE as llama.cpp runs a GGUF's "llama" vocabulary, written plainly: BOS;
+    each stretch of text between special tokens gets a space before it, spaces become "▁";
+    then, from single characters, merge the adjacent pair whose merged piece is in the
+    vocabulary with the highest score (the leftmost of equals) until none is; a symbol
+    without a piece becomes the byte tokens of its UTF-8."""
+    vocab = {}
+    for i, p in enumerate(pieces):
+        vocab.setdefault(p, i)
+    ids = [vocab["<s>"]]
+    for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        if part in specials:
+            ids.append(vocab[part])
+            continue
+        if not part:
+            continue
+        sym = list((" " + part).replace(" ", "▁"))
+        while True:
+            best = None
+            for i in range(len(sym) - 1):
+                merged = sym[i] + sym[i + 1]
+                if merged in vocab and (best is None or scores[vocab[merged]] > best[0]):
+                    best = (scores[vocab[merged]], i)
+            if best is None:
+                break
+            i = best[1]
+            sym[i:i + 2] = [sym[i] + sym[i + 1]]
+        for p in sym:
+            ids += [vocab[p]] if p in vocab else [vocab[f"<0x{b:02X}>"] for b in p.encode()]
+    return ids
+
+
+def test_sentencepiece_gguf_matches_transformers(tmp_path):
+    """A GGUF with a SentencePiece vocabulary (tokenizer.ggml.model "llama": pieces, scores,
+    types): token for token as SentencePiece's algorithm (spm_reference) and as transformers
+    reads the same file; the model loads and runs."""
+    from transformers import AutoTokenizer
+    hf = make_checkpoint(tmp_path / "hf", "llama", tokenizer="spm-legacy",
+                         **{**GGUF_LLAMA_TINY, "vocab_size": 358})
+    write_gguf(tmp_path / "m.gguf", hf, "F32", tokenizer="llama")
+    model, ours = M.load(tmp_path / "m.gguf")
+    assert isinstance(ours, M.SentencePieceTokenizer) and ours.eos_ids == {2}
+    pieces, _ = __import__("conftest").train_sentencepiece()
+    scores = M.read_gguf(tmp_path / "m.gguf").get("tokenizer.ggml.scores")
+    check_tokenizer(ours, lambda t: spm_reference(pieces, scores, t))
+    # transformers rebuilds a Metaspace pipeline, which adds no "▁" before a leading space or
+    # "▁" or after a special token: equal elsewhere
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    check_tokenizer(ours, theirs.encode, decode=theirs.decode,
+                    texts=[t for t in SPM_TEXTS if not ("<s>" in t or "▁" in t or t[:1].isspace())])
+    ids = ours.encode("the quick brown fox")
+    torch.testing.assert_close(our_logits(model, ids), hf(torch.tensor([ids])).logits[0],
+                               rtol=1e-4, atol=1e-4)
+
+
+# chat templates as checkpoints of each family write them (shortened, same structure)
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% endif %}"
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate user/assistant/user/...') }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' }}"
+    "{% if loop.first and system is defined %}{{ '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' }}"
+    "{% endif %}{{ m['content'].strip() + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% elif m['role'] == 'assistant' %}"
+    "{{ m['content'] + eos_token }}{% else %}{{ raise_exception('only user and assistant') }}"
+    "{% endif %}{% endfor %}")
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("family, template", [("llama2", LLAMA2_TEMPLATE),
+                                              ("mistral", MISTRAL_TEMPLATE),
+                                              ("chatml", CHATML_TEMPLATE)])
+def test_chat_templates_render_as_transformers_renders_them(tmp_path, family, template):
+    """The checkpoint's own template, rendered: the same text and token ids as transformers'
+    apply_chat_template; BOS once, whether the template writes it or not; a template that
+    refuses a conversation is one ValueError."""
+    from transformers import AutoTokenizer
+    conftest = __import__("conftest")
+    if family == "chatml":
+        conftest.write_tokenizer(tmp_path)
+        cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+            {**cfg, "chat_template": template, "tokenizer_class": "GPT2Tokenizer"}))
+    else:
+        conftest.write_sentencepiece_tokenizer(tmp_path, chat_template=template)
+    ours, theirs = M.tokenizer_from_hf_dir(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    convs = [[{"role": "user", "content": "the quick fox"}],
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the dog"},
+              {"role": "user", "content": "and then?"}]]
+    if family != "mistral":
+        convs.append([{"role": "system", "content": "be brief"}] + convs[1])
+    for conv in convs:
+        text = M.apply_chat_template(ours, conv)
+        assert text == theirs.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        ids = M.encode_chat(ours, text)
+        assert ids == theirs.encode(text, add_special_tokens=False)
+        assert ids.count(ours.bos_id) == text.count("<s>")
+    if family != "chatml":
+        with pytest.raises(ValueError, match="chat template refuses the conversation"):
+            M.apply_chat_template(ours, [{"role": "narrator", "content": "x"}])
+
+
+def test_a_checkpoint_without_tokenizer_runs_token_ids(tmp_path):
+    """No tokenizer files: the model loads and generates from token ids (its text is the ids);
+    a text prompt is one clear error naming what is missing."""
+    from generate import LLM, SamplingParams
+    hf = make_checkpoint(tmp_path, "llama", tokenizer=None)
+    llm = LLM(str(tmp_path), dtype="float32", n_blocks=32)
+    [out] = llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    want = hf.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)[0, 3:]
+    assert out.token_ids == want.tolist()
+    assert out.text == "".join(f" {i}" for i in out.token_ids)
+    with pytest.raises(ValueError, match="has no tokenizer files .* give prompts as token ids"):
+        llm.generate(["hello"])
+
+
+def test_ids_the_tokenizer_lacks_do_not_end_the_run(tmp_path):
+    """A model whose vocabulary is larger than its tokenizer's (padded embeddings) may sample
+    an id the tokenizer cannot decode: it shows as U+FFFD, and the text so far is kept."""
+    tok = M.tokenizer_from_hf_dir(make_dir_with_tokenizer(tmp_path))
+    stream = tok.stream()
+    text = "".join(stream.feed(i) for i in tok.encode("the fox") + [10**6, tok.encode("x")[0]])
+    assert text == "the fox\ufffdx"
+
+
+def make_dir_with_tokenizer(path):
+    __import__("conftest").write_tokenizer(path)
+    return path
+
+
+def test_gguf_header_reads_as_the_gguf_package_reads_it(tmp_path):
+    """Every value type, arrays of each, a vocabulary-sized string array and tensors of odd
+    shapes: our one-pass reader gives what gguf.GGUFReader gives."""
+    w = gguf.GGUFWriter(str(tmp_path / "all.gguf"), "llama")
+    w.add_uint8("t.u8", 200), w.add_int8("t.i8", -5), w.add_uint16("t.u16", 60000)
+    w.add_int16("t.i16", -3000), w.add_uint32("t.u32", 4_000_000_000), w.add_int32("t.i32", -7)
+    w.add_float32("t.f32", 0.1), w.add_bool("t.bool", True), w.add_string("t.str", "naïve 🎉")
+    w.add_uint64("t.u64", 2**63), w.add_int64("t.i64", -2**40), w.add_float64("t.f64", 1e-300)
+    w.add_array("t.ints", [1, 2, 3]), w.add_array("t.floats", [0.5, -1.25])
+    w.add_array("t.bools", [True, False]), w.add_array("t.empty", [])
+    w.add_array("t.strs", [f"tok{i} ▁x" for i in range(5000)] + [""])
+    w.add_tensor("a", np.arange(6, dtype=np.float32).reshape(2, 3))
+    w.add_tensor("b", np.ones((3, 1, 64), np.float16))
+    w.add_tensor("c", gguf.quants.quantize(np.ones((2, 64), np.float32), gguf.GGMLQuantizationType.Q8_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    ours, theirs = M.read_gguf(tmp_path / "all.gguf"), gguf.GGUFReader(str(tmp_path / "all.gguf"))
+    fields = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert set(ours.fields) == set(fields)
+    for k, v in fields.items():
+        assert ours.fields[k] == v and type(ours.fields[k]) is type(v), k
+    assert {t.name for t in theirs.tensors} == set(ours.tensors)
+    for t in theirs.tensors:
+        kind, shape, start, nbytes = ours.tensors[t.name]
+        assert (start, nbytes) == (int(t.data_offset), int(t.n_bytes))
+        assert kind == t.tensor_type.name and shape == tuple(reversed(t.shape.tolist()))
+        assert ours.tensor_bytes(t.name).numpy().tobytes() == t.data.tobytes()
+
+
+@pytest.mark.parametrize("qtype", [*M.GGUF_BLOCKS, *M.GGUF_NUMPY, "F16", "BF16"])
+def test_dequantize_is_bitwise_the_gguf_package(qtype):
+    """Our torch dequantizers against gguf.quants on random blocks (every bit pattern of the
+    quants, scales and minimums random finite fp16)."""
+    kind = gguf.GGMLQuantizationType[qtype]
+    block, nbytes = gguf.GGML_QUANT_SIZES[kind]
+    rows, cols = 6, 2 * 256 if block == 256 else 4 * block
+    raw = np.random.default_rng(0).integers(0, 256, rows * cols // block * nbytes, np.uint8)
+    if qtype not in ("F16", "BF16"):  # finite scales: overwrite each block's fp16 fields
+        blocks = raw.reshape(-1, nbytes)
+        for at in {"Q4_1": (0, 2), "Q5_1": (0, 2)}.get(qtype, (0,) if block == 32 else ()):
+            blocks[:, at:at + 2] = np.random.default_rng(1).uniform(-2, 2, len(blocks)) \
+                .astype(np.float16)[:, None].view(np.uint8)
+        if block == 256:  # K-quants keep their fp16 super-scales at the end (Q2_K..Q6_K)
+            tail = {"Q2_K": 4, "Q3_K": 2, "Q4_K": 4, "Q5_K": 4, "Q6_K": 2}[qtype]
+            at = {"Q4_K": 0, "Q5_K": 0}.get(qtype, nbytes - tail)
+            blocks[:, at:at + tail] = np.random.default_rng(2).uniform(-1, 1, (len(blocks), tail // 2)) \
+                .astype(np.float16).view(np.uint8)
+    elif qtype == "F16":
+        raw = np.random.default_rng(3).standard_normal(rows * cols).astype(np.float16).view(np.uint8)
+    ours = M.dequantize(torch.from_numpy(raw.copy()), qtype, (rows, cols)).float()
+    theirs = np.asarray(gguf.quants.dequantize(raw, kind), np.float32).reshape(rows, cols)
+    assert torch.equal(ours.view(torch.int32), torch.from_numpy(theirs).view(torch.int32))
+
+
+def test_a_damaged_gguf_is_one_value_error(gguf_llama, tmp_path):
+    """Any cut and any byte changed in the header: a ValueError naming the file (or a model
+    that loads), never another exception, a hang or a huge allocation."""
+    hf, _ = gguf_llama
+    good = tmp_path / "good.gguf"
+    write_gguf(good, hf, "Q8_0")
+    data = bytearray(good.read_bytes())
+    header = M.read_gguf(good).data_start
+    rng = np.random.default_rng(0)
+    cases = [bytes(data[:n]) for n in [0, 3, 4, 10, 23, 24, 100, header - 1, header, len(data) - 1]]
+    for at in rng.integers(0, header, 60):
+        for value in (0, 0xFF, int(rng.integers(256))):
+            changed = bytearray(data)
+            changed[at] = value
+            cases.append(bytes(changed))
+    bad = tmp_path / "bad.gguf"
+    outcomes = set()
+    for case in cases:
+        bad.write_bytes(case)
+        try:
+            M.load(bad)
+            outcomes.add("loaded")
+        except ValueError as e:
+            assert str(bad) in str(e) and "\n" not in str(e)
+            outcomes.add("refused")
+    assert "refused" in outcomes
 
 
 def test_gguf_errors_name_what_does_not_fit(gguf_llama, tmp_path):
