@@ -67,6 +67,13 @@ kernels = load_kernels()
 # configs (read from the checkpoint's own metadata, never guessed from file names)
 
 
+# RoPE variants implemented (rope_inv_freq). "dynamic" (NTK) rescales only beyond
+# max_position_embeddings, where transformers' own result depends on how a sequence was split
+# into forward passes (cached keys keep the frequencies they were written with): the engine
+# holds such a model to max_position_embeddings, where it is plain RoPE.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     n_layer: int            # L transformer blocks
@@ -93,8 +100,10 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
         kind = (self.rope_scaling or {}).get("rope_type", "default")
-        if kind not in ("default", "llama3", "linear"):
-            raise ValueError(f"unsupported rope scaling type {kind!r} (default, linear, llama3)")
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope scaling type {kind!r} ({', '.join(ROPE_TYPES)})")
+        if (self.rope_scaling or {}).get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("rope partial_rotary_factor other than 1 is not supported")
 
 
 @dataclass(frozen=True)
@@ -144,13 +153,28 @@ def layer_norm(x, weight, bias, eps):
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    """(D/2,) fp32 rotation frequencies theta^(-2i/D), with Llama-3 or linear scaling."""
+    """(D/2,) fp32 rotation frequencies theta^(-2i/D), with Llama-3, YaRN or linear scaling."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type", "default")
     if kind == "linear":
         inv_freq = inv_freq / sc["factor"]
+    elif kind == "yarn":
+        # YaRN (arXiv 2309.00071): frequencies that turn many times within the original
+        # context (fast, i < low) keep their value, slow ones (i > high) are divided by
+        # `factor` (positions interpolated), and a linear ramp in i blends the band between;
+        # i's bounds are where a frequency turns beta_fast and beta_slow times in that context.
+        factor, old_len = yarn_factor(cfg), sc["original_max_position_embeddings"]
+        turns_at = lambda turns: d * math.log(old_len / (turns * 2 * math.pi)) / \
+            (2 * math.log(cfg.rope_theta))  # noqa: E731  (the i turning `turns` times)
+        low, high = turns_at(sc.get("beta_fast") or 32), turns_at(sc.get("beta_slow") or 1)
+        if sc.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) /
+                (high - low if high != low else 0.001)).clamp(0, 1)  # 0: keep, 1: interpolate
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     elif kind == "llama3":
         # Llama 3.1: keep high frequencies, divide low frequencies by `factor`, and blend the
         # band between them smoothly, by wavelength relative to the original context length.
@@ -165,6 +189,26 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
+def yarn_factor(cfg) -> float:
+    sc = cfg.rope_scaling
+    return sc.get("factor") or cfg.max_seq_len / sc["original_max_position_embeddings"]
+
+
+def rope_scale(cfg) -> float:
+    """What RoPE's cos and sin are multiplied by: YaRN's attention factor (0.1 ln(factor) + 1,
+    or the ratio of two such with DeepSeek's mscale and mscale_all_dim), else 1."""
+    sc = cfg.rope_scaling or {}
+    if sc.get("rope_type") != "yarn":
+        return 1.0
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+    factor = yarn_factor(cfg)
+    m = lambda mscale=1.0: 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1  # noqa: E731
+    if sc.get("mscale") and sc.get("mscale_all_dim"):
+        return m(sc["mscale"]) / m(sc["mscale_all_dim"])
+    return m()
+
+
 def norm(cfg, p, x):
     """The family's normalisation with parameters p: RMSNorm (Llama) or LayerNorm (GPT-2)."""
     if cfg.arch == "llama":
@@ -172,7 +216,7 @@ def norm(cfg, p, x):
     return layer_norm(x, p["weight"], p["bias"], cfg.norm_eps)
 
 
-def rope_rotation(positions, inv_freq, dtype, as_matrix=None):
+def rope_rotation(positions, inv_freq, dtype, as_matrix=None, scale=1.0):
     """RoPE turns each pair (x_i, x_{i+D/2}) (HF's half-split layout; llama.cpp pairs x_2i with
     x_2i+1, see the GGUF loader) by the angle pos * inv_freq_i:
         y_i       = x_i cos - x_{i+D/2} sin
@@ -183,9 +227,11 @@ def rope_rotation(positions, inv_freq, dtype, as_matrix=None):
       performance);
     - on a GPU, (cos, sin) of shape (T, 1, D/2): elementwise ops cost little there, and the
       matrices would not fit (a 16k-token prefill at D 128 is a 1 GiB transient).
-    as_matrix forces one form (tests compare them)."""
+    as_matrix forces one form (tests compare them); scale multiplies cos and sin (YaRN)."""
     angles = positions.float().unsqueeze(1) * inv_freq                # (T, D/2)
     cos, sin = angles.cos(), angles.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
     if not (positions.device.type == "cpu" if as_matrix is None else as_matrix):
         return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
     n_tok, half = positions.shape[0], inv_freq.shape[0]
@@ -290,6 +336,7 @@ class Transformer(nn.Module):
         # on the meta device, where nothing can be computed)
         n_freq = cfg.head_dim // 2 if cfg.arch == "llama" else 0
         self.register_buffer("inv_freq", torch.empty(n_freq), persistent=False)
+        self.rope_scale = rope_scale(cfg) if cfg.arch == "llama" else 1.0
 
     def prepare(self):
         """Per-call work done once after loading: transposed views for addmm."""
@@ -308,8 +355,8 @@ class Transformer(nn.Module):
         x = self.tok_emb(tokens)                                   # (T, C)
         if self.cfg.arch == "gpt2":
             x = x + self.pos_emb(positions)
-        rope = rope_rotation(positions, self.inv_freq, x.dtype) if self.cfg.arch == "llama" \
-            else None
+        rope = rope_rotation(positions, self.inv_freq, x.dtype, scale=self.rope_scale) \
+            if self.cfg.arch == "llama" else None
         for i, block in enumerate(self.blocks):
             x = block(x, rope, meta, kv[i] if kv is not None else None)
         if not all_logits:
@@ -501,9 +548,40 @@ HF_FIXED = {
     "gpt2": {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
              "tie_word_embeddings": True,
              "activation_function": ("gelu_new", "gelu_pytorch_tanh")},  # tanh-approximate GELU
-    "llama": {"hidden_act": ("silu",), "mlp_bias": False},
+    "llama": {"hidden_act": ("silu",), "mlp_bias": False,
+              "attention_bias": False},  # True: biases on Q, K, V *and* the output projection
+    "qwen2": {"hidden_act": ("silu",)},  # Q, K, V biases always, none on the output
 }
-HF_FIXED["mistral"] = HF_FIXED["qwen2"] = HF_FIXED["llama"]
+HF_FIXED["mistral"] = HF_FIXED["llama"]
+for fixed in HF_FIXED.values():  # every family: a decoder-only language model
+    fixed.update({"is_encoder_decoder": False, "add_cross_attention": False})
+# The fields each family's config is built from (_config_from_hf), and those that change
+# nothing in the logits of a forward pass: dropout (inference), initialisation, the cache
+# switch, special token ids (the tokenizer's), output flags, labels, names and the stored
+# dtype (the engine's dtype is an argument). test_model.py checks that every field of the
+# installed transformers' configs is read, refused or listed here, and that changing one
+# listed here does not change transformers' own logits.
+HF_READ = {
+    "gpt2": {"model_type", "n_layer", "n_embd", "n_head", "vocab_size", "n_positions",
+             "layer_norm_epsilon", "n_inner"},
+    "llama": {"model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+              "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_scaling",
+              "rope_theta", "tie_word_embeddings", "sliding_window", "use_sliding_window",
+              "layer_types"},
+}
+HF_READ["mistral"] = HF_READ["qwen2"] = HF_READ["llama"]
+HF_IGNORED = {
+    "gpt2": {"resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_type", "summary_use_proj",
+             "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+             "reorder_and_upcast_attn"},  # (fp16 overflow care in HF's own attention)
+    "llama": {"attention_dropout", "pretraining_tp", "max_window_layers"},
+    "all": {"initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+            "chunk_size_feed_forward", "output_attentions", "output_hidden_states",
+            "return_dict", "problem_type", "id2label", "label2id", "architectures",
+            "_name_or_path", "transformers_version", "dtype", "torch_dtype"},
+}
+HF_IGNORED["mistral"] = HF_IGNORED["qwen2"] = HF_IGNORED["llama"]
 
 
 def config_from_hf(c):
@@ -537,7 +615,10 @@ def _config_from_hf(c: dict, kind):
     kind_rope = rope.get("rope_type", rope.get("type", "default"))
     rope = {**rope, "rope_type": kind_rope} if kind_rope != "default" else None
     max_len = c["max_position_embeddings"]
-    if c.get("sliding_window") and c.get("use_sliding_window", kind == "mistral"):
+    types = c.get("layer_types")  # Qwen2 writes which layers slide; otherwise the switch says
+    slides = "sliding_attention" in types if isinstance(types, list) else \
+        c.get("use_sliding_window", kind == "mistral")
+    if c.get("sliding_window") and slides:
         max_len = min(max_len, c["sliding_window"])  # beyond the window we would differ
     n_head = c["num_attention_heads"]
     return LlamaConfig(
@@ -547,7 +628,7 @@ def _config_from_hf(c: dict, kind):
         n_hidden=c["intermediate_size"], vocab_size=c["vocab_size"], max_seq_len=max_len,
         norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope,
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        qkv_bias=bool(c.get("attention_bias", kind == "qwen2")))
+        qkv_bias=kind == "qwen2")
 
 
 def read_safetensors(path: Path) -> dict:
@@ -593,7 +674,7 @@ def load_hf_dir(path: Path, dtype, device):
 
 
 # ------------------------------------------------------------------------------------------
-# GGUF files (llama.cpp), architecture llama
+# GGUF files (llama.cpp), architectures llama and qwen2
 #
 # The format (github.com/ggml-org/ggml/blob/master/docs/gguf.md) is a header of typed key/value
 # metadata, a table of tensors (name, shape, type, offset), then the tensors' bytes. The gguf
@@ -788,10 +869,17 @@ def read_gguf(path: Path) -> GGUFFile:
         raise ValueError(f"{path}: not a valid GGUF file ({e})") from None
 
 
+GGUF_ARCHS = ("llama", "qwen2")  # the same tensors; qwen2 has Q/K/V biases, rows unpermuted
+# rope.scaling.* keys with the value that means "not used": anything else is refused
+GGUF_ROPE_NEUTRAL = {"attn_factor": 1.0, "yarn_attn_factor": 1.0, "yarn_log_multiplier": 0.0,
+                     "yarn_ext_factor": (1.0, -1.0), "finetuned": (True, False)}
+
+
 def config_from_gguf(g: GGUFFile, path):
     arch = g.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
+    if arch not in GGUF_ARCHS:
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (supported: "
+                         f"{', '.join(GGUF_ARCHS)})")
 
     def key(name, default=None, kind=int):  # a number the header must hold (or a default)
         v = g.get(f"{arch}.{name}", default)
@@ -807,9 +895,18 @@ def config_from_gguf(g: GGUFFile, path):
     rope, scaling = None, g.get(f"{arch}.rope.scaling.type")
     if scaling == "linear":
         rope = {"rope_type": "linear", "factor": key("rope.scaling.factor", kind=float)}
+    elif scaling == "yarn":  # as llama.cpp runs it: HF's YaRN with truncated bounds
+        rope = {"rope_type": "yarn", "factor": key("rope.scaling.factor", kind=float),
+                "original_max_position_embeddings": key("rope.scaling.original_context_length"),
+                "beta_fast": key("rope.scaling.yarn_beta_fast", 32.0, float),
+                "beta_slow": key("rope.scaling.yarn_beta_slow", 1.0, float)}
     elif scaling not in (None, "none"):
         raise ValueError(f"{path}: {arch}.rope.scaling.type={scaling!r} is not supported "
-                         "(none, linear)")
+                         "(none, linear, yarn)")
+    for name, neutral in GGUF_ROPE_NEUTRAL.items():
+        v = g.get(f"{arch}.rope.scaling.{name}")
+        if v is not None and v not in (neutral if isinstance(neutral, tuple) else (neutral,)):
+            raise ValueError(f"{path}: {arch}.rope.scaling.{name}={v!r} is not supported")
     return LlamaConfig(
         n_layer=key("block_count"), n_embd=n_embd, n_head=n_head,
         n_kv_head=key("attention.head_count_kv", n_head),
@@ -850,9 +947,10 @@ def load_gguf(path: Path, dtype, device):
         if ours is None:
             freq_factors = w
             continue
-        if name.endswith(("attn_q.weight", "attn_q.bias")):
+        llama = g.get("general.architecture") == "llama"  # qwen2's converter keeps HF's rows
+        if llama and name.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute_rope_rows(w, cfg.n_head)
-        elif name.endswith(("attn_k.weight", "attn_k.bias")):
+        elif llama and name.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute_rope_rows(w, cfg.n_kv_head)
         sd[ours] = w
     model = build_model(cfg, sd, dtype, device, str(path), freq_factors)

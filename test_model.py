@@ -55,6 +55,31 @@ def test_logits_match_transformers(tmp_path, arch):
     torch.testing.assert_close(our_logits(ours, ids, paged=True), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch, rope", [
+    ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+               "beta_fast": 16, "beta_slow": 2}),
+    ("llama", {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16,
+               "mscale": 1.0, "mscale_all_dim": 0.5}),  # DeepSeek's attention factor
+    ("llama", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
+               "truncate": False, "attention_factor": 1.3}),
+    ("llama", {"rope_type": "dynamic", "factor": 2.0}),
+    ("qwen2", {"rope_type": "linear", "factor": 2.0})])
+def test_rope_scaling_matches_transformers(tmp_path, arch, rope):
+    """YaRN (each of its options), dynamic NTK (within max_position_embeddings, the longest
+    context the engine allows it) and linear scaling, past the original context length."""
+    hf = make_checkpoint(tmp_path, arch, rope_scaling=rope, max_position_embeddings=128)
+    ours, tok = M.load(tmp_path)
+    assert ours.cfg.max_seq_len == 128
+    ids = (tok.encode(TRAIN_TEXT) * 2)[:128]
+    want = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(our_logits(ours, ids, paged=True), want, rtol=1e-4, atol=1e-4)
+    if rope["rope_type"] == "yarn":  # the rotation is not plain RoPE's: the test can tell
+        plain = make_checkpoint(tmp_path / "plain", arch, rope_scaling=None,
+                                max_position_embeddings=128)
+        assert not torch.allclose(plain(torch.tensor([ids])).logits[0], want, atol=1e-2)
+
+
 @pytest.mark.parametrize("as_matrix", [True, False])
 def test_both_rope_forms_match_transformers(tmp_path, monkeypatch, as_matrix):
     """RoPE as (T, D, D) matrices (the CPU's form) and as cos/sin (a GPU's: no T x D x D
@@ -64,8 +89,8 @@ def test_both_rope_forms_match_transformers(tmp_path, monkeypatch, as_matrix):
     ids = tok.encode(TRAIN_TEXT[:80])
     built, rope_rotation = [], M.rope_rotation
 
-    def rope(positions, inv_freq, dtype):
-        built.append(rope_rotation(positions, inv_freq, dtype, as_matrix=as_matrix))
+    def rope(positions, inv_freq, dtype, scale):
+        built.append(rope_rotation(positions, inv_freq, dtype, as_matrix=as_matrix, scale=scale))
         return built[-1]
     monkeypatch.setattr(M, "rope_rotation", rope)
     got = our_logits(ours, ids, paged=True)
@@ -178,7 +203,7 @@ def llamacpp_permute(w, n_head):
 
 
 def write_gguf(path, hf, qtype="F32", arch="llama", skip=(), extra=None, strings=None,
-               tokenizer="gpt2", drop_keys=()):
+               tokenizer="gpt2", drop_keys=(), numbers=None):
     """Write an HF Llama model as a llama.cpp-style GGUF, every 2-D weight stored as qtype
     (extra: more tensors; strings: more string metadata). tokenizer: "gpt2" (byte-level BPE),
     "llama" (SentencePiece: conftest.train_sentencepiece's pieces, scored as llama.cpp's
@@ -218,10 +243,12 @@ def write_gguf(path, hf, qtype="F32", arch="llama", skip=(), extra=None, strings
         i = name.split(".")[2] if ".layers." in name else None
         our_template = ours.replace(f".{i}.", ".{i}.") if i else ours
         src = inv[our_template].replace("{i}", i) if i else inv[our_template]
-        if src in skip:
+        if src in skip or (src == "output.weight" and cfg.tie_word_embeddings):
             continue
         a = t.detach().float().numpy()
-        if src.endswith("attn_q.weight"):
+        if arch != "llama":  # qwen2 (and a wrong architecture): rows as HF has them
+            pass
+        elif src.endswith("attn_q.weight"):
             a = llamacpp_permute(a, h)
         elif src.endswith("attn_k.weight"):
             a = llamacpp_permute(a, k)
@@ -236,6 +263,8 @@ def write_gguf(path, hf, qtype="F32", arch="llama", skip=(), extra=None, strings
         w.add_tensor(name, a)
     for key, value in (strings or {}).items():
         w.add_string(key, value)
+    for key, value in (numbers or {}).items():
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(key, value)
     for key in drop_keys:
         del w.kv_data[0][key]
     w.write_header_to_file()
@@ -540,6 +569,32 @@ def test_a_damaged_gguf_is_one_value_error(gguf_llama, tmp_path):
     assert "refused" in outcomes
 
 
+@pytest.mark.parametrize("arch, rope", [
+    ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+               "beta_fast": 16.0, "beta_slow": 2.0}),
+    ("qwen2", None), ("qwen2", {"rope_type": "yarn", "factor": 4.0,
+                                "original_max_position_embeddings": 32})])
+def test_gguf_qwen2_and_yarn_match_transformers(tmp_path, arch, rope):
+    """GGUF architecture qwen2 (Q/K/V biases, rows as HF has them, tied embeddings) and
+    llama.cpp's YaRN keys, against transformers on the HF checkpoint written to that GGUF."""
+    hf = make_checkpoint(tmp_path, arch, rope_scaling=rope, max_position_embeddings=128,
+                         **{k: v for k, v in GGUF_LLAMA_TINY.items() if k != "rope_scaling"})
+    numbers = {}
+    if rope:
+        numbers = {f"{arch}.rope.scaling.factor": rope["factor"],
+                   f"{arch}.rope.scaling.original_context_length":
+                       rope["original_max_position_embeddings"]}
+        numbers.update({f"{arch}.rope.scaling.yarn_{b}": rope[b] for b in ("beta_fast", "beta_slow")
+                        if b in rope})
+    write_gguf(tmp_path / "m.gguf", hf, "F32", arch=arch, numbers=numbers,
+               strings={f"{arch}.rope.scaling.type": "yarn"} if rope else {})
+    ours, tok = M.load(tmp_path / "m.gguf")
+    assert ours.cfg.qkv_bias == (arch == "qwen2") and ours.cfg.tie_embeddings == (arch == "qwen2")
+    ids = (tok.encode(TRAIN_TEXT) * 2)[:128]
+    torch.testing.assert_close(our_logits(ours, ids, paged=True), hf(torch.tensor([ids])).logits[0],
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_gguf_errors_name_what_does_not_fit(gguf_llama, tmp_path):
     hf, _ = gguf_llama
     write_gguf(tmp_path / "missing.gguf", hf, skip=("blk.1.ffn_up.weight",))
@@ -562,9 +617,14 @@ def test_gguf_errors_name_what_does_not_fit(gguf_llama, tmp_path):
     with pytest.raises(ValueError, match="the config says 1000000000 layers, the file holds "
                                          "weights of 2"):
         M.load(tmp_path / "huge.gguf")  # at once: no model of 10^9 blocks is built first
-    write_gguf(tmp_path / "yarn.gguf", hf, strings={"llama.rope.scaling.type": "yarn"})
-    with pytest.raises(ValueError, match="rope.scaling.type='yarn' is not supported"):
-        M.load(tmp_path / "yarn.gguf")
+    write_gguf(tmp_path / "longrope.gguf", hf, strings={"llama.rope.scaling.type": "longrope"})
+    with pytest.raises(ValueError, match="rope.scaling.type='longrope' is not supported"):
+        M.load(tmp_path / "longrope.gguf")
+    write_gguf(tmp_path / "log.gguf", hf, strings={"llama.rope.scaling.type": "yarn"}, numbers={
+        "llama.rope.scaling.factor": 4.0, "llama.rope.scaling.original_context_length": 32,
+        "llama.rope.scaling.yarn_log_multiplier": 0.1})
+    with pytest.raises(ValueError, match="rope.scaling.yarn_log_multiplier=0.1.* not supported"):
+        M.load(tmp_path / "log.gguf")
     good = tmp_path / "good.gguf"
     write_gguf(good, hf, "Q8_0")
     data = good.read_bytes()
@@ -609,6 +669,49 @@ def test_configs_the_engine_does_not_implement_are_refused(tmp_path, arch, field
     assert not torch.allclose(plain, other, atol=1e-4)  # the field matters
     with pytest.raises(ValueError, match=f"config.json: {field}=.* is not supported"):
         M.load(tmp_path / "other")
+
+
+FAMILIES = {"gpt2": ("GPT2Config", "GPT2LMHeadModel"), "llama": ("LlamaConfig", "LlamaForCausalLM"),
+            "mistral": ("MistralConfig", "MistralForCausalLM"),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+# a value other than the default for each field the engine ignores, tried on transformers
+CHANGED = {"resid_pdrop": 0.5, "embd_pdrop": 0.5, "attn_pdrop": 0.5, "summary_type": "last",
+           "summary_use_proj": False, "summary_activation": "tanh", "summary_proj_to_labels": False,
+           "summary_first_dropout": 0.5, "reorder_and_upcast_attn": True, "attention_dropout": 0.5,
+           "pretraining_tp": 2, "max_window_layers": 1, "initializer_range": 0.5, "use_cache": False,
+           "bos_token_id": 3, "eos_token_id": 4, "pad_token_id": 5, "chunk_size_feed_forward": 2,
+           "output_attentions": True, "output_hidden_states": True}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_config_field_is_read_refused_or_shown_not_to_matter(family):
+    """Each field of the installed transformers' config for the family is one the loader
+    reads, one it refuses (a value other than the one implemented: ValueError naming it), or
+    one that does not change the logits: changing it leaves transformers' own logits as they
+    were. A field added by a new transformers fails here until it is classified."""
+    import transformers
+    cfg_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[family])
+    fields = set(cfg_cls().to_dict())
+    fixed, ignored = M.HF_FIXED[family], M.HF_IGNORED[family] | M.HF_IGNORED["all"]
+    assert fields <= M.HF_READ[family] | set(fixed) | ignored, \
+        sorted(fields - M.HF_READ[family] - set(fixed) - ignored)
+    base = {**__import__("conftest").TINY["gpt2" if family == "gpt2" else "llama"],
+            "vocab_size": 64, "model_type": family}
+    if family == "qwen2":
+        base["sliding_window"] = 8
+    for field, allowed in fixed.items():
+        other = "gelu" if isinstance(allowed, tuple) else not allowed
+        with pytest.raises(ValueError, match=f"config.json: {field}=.* is not supported"):
+            M.config_from_hf({**base, field: other})
+    torch.manual_seed(0)
+    reference = model_cls(cfg_cls(**base)).eval()
+    ids = torch.tensor([[5, 9, 2, 7, 1, 3, 11, 4, 8, 6]])
+    want = reference(ids).logits
+    for field in sorted(ignored & fields & set(CHANGED)):
+        changed = model_cls(cfg_cls(**{**base, field: CHANGED[field]})).eval()
+        changed.load_state_dict(reference.state_dict())
+        got = changed(ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=field)
 
 
 @pytest.mark.parametrize("config, match", [
