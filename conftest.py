@@ -160,6 +160,9 @@ TINY = {
                   tie_word_embeddings=False, rope_theta=500.0,
                   rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "mistral": dict(num_hidden_layers=2, hidden_size=48, intermediate_size=64,
+                    num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                    sliding_window=128, head_dim=16),
     "qwen2": dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
                   tie_word_embeddings=True),
@@ -181,9 +184,9 @@ def make_checkpoint(path: Path, arch="llama", seed=0, shard=False, tokenizer="bp
                 (path / f).unlink()
     kw = {**TINY[arch], "vocab_size": n_vocab, **overrides}
     cfg_cls = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig,
-               "qwen2": transformers.Qwen2Config}[arch]
+               "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[arch]
     cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
-           "qwen2": transformers.Qwen2ForCausalLM}[arch]
+           "mistral": transformers.MistralForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[arch]
     bos, eos = (1, 2) if str(tokenizer).startswith("spm") else (n_vocab - 1, n_vocab - 1)
     cfg = cfg_cls(**kw, bos_token_id=bos, eos_token_id=eos)
     torch.manual_seed(seed)

@@ -613,7 +613,8 @@ def _config_from_hf(c: dict, kind):
     rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
     kind_rope = rope.get("rope_type", rope.get("type", "default"))
-    rope = {**rope, "rope_type": kind_rope} if kind_rope != "default" else None
+    rope = {**rope, "rope_type": kind_rope} if set(rope) - {"rope_type", "type"} or \
+        kind_rope != "default" else None  # (default with options: validated all the same)
     max_len = c["max_position_embeddings"]
     types = c.get("layer_types")  # Qwen2 writes which layers slide; otherwise the switch says
     slides = "sliding_attention" in types if isinstance(types, list) else \

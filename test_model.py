@@ -45,10 +45,19 @@ def our_logits(model, ids, paged=False, block_size=4):
     return model(ids, torch.arange(n), meta, c.layers, all_logits=True)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
-def test_logits_match_transformers(tmp_path, arch):
-    hf = make_checkpoint(tmp_path, arch)
+@pytest.mark.parametrize("arch, tokenizer", [("gpt2", "bpe"), ("llama", "bpe"),
+                                             ("llama", "spm"), ("mistral", "spm-legacy"),
+                                             ("qwen2", "bpe")])
+def test_logits_match_transformers(tmp_path, arch, tokenizer):
+    """Each family, with the tokenizer its checkpoints come with (Llama 3 and Qwen2 byte-level,
+    Llama 2 and Mistral SentencePiece): tokens as transformers makes them, then logits."""
+    from transformers import AutoTokenizer
+    hf = make_checkpoint(tmp_path, arch, tokenizer=tokenizer)
     ours, tok = M.load(tmp_path)
+    # (transformers rebuilds the older SentencePiece layout: see the tokenizer test; and reads
+    # vocab.json + merges.txt for GPT-2 and Qwen2 only)
+    if tokenizer == "spm" or arch in ("gpt2", "qwen2"):
+        assert tok.encode(TRAIN_TEXT[:80]) == AutoTokenizer.from_pretrained(tmp_path).encode(TRAIN_TEXT[:80])
     ids = tok.encode(TRAIN_TEXT[:80])
     want = hf(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(our_logits(ours, ids), want, rtol=1e-4, atol=1e-4)
@@ -471,6 +480,12 @@ def test_a_checkpoint_without_tokenizer_runs_token_ids(tmp_path):
     assert out.text == "".join(f" {i}" for i in out.token_ids)
     with pytest.raises(ValueError, match="has no tokenizer files .* give prompts as token ids"):
         llm.generate(["hello"])
+    write_gguf(tmp_path / "m.gguf", hf, tokenizer=None)  # a GGUF without tokenizer.ggml.*
+    gguf_llm = LLM(str(tmp_path / "m.gguf"), dtype="float32", n_blocks=32)
+    [again] = gguf_llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert again.token_ids == out.token_ids
+    with pytest.raises(ValueError, match="m.gguf has no tokenizer files"):
+        gguf_llm.generate(["hello"])
 
 
 def test_ids_the_tokenizer_lacks_do_not_end_the_run(tmp_path):
@@ -720,7 +735,9 @@ def test_every_config_field_is_read_refused_or_shown_not_to_matter(family):
     ({"model_type": "gpt2", "n_layer": 2}, "config.json: no 'n_embd'"),
     ("drop intermediate_size", "config.json: no 'intermediate_size'"),
     ("null n_embd", "n_embd must be a positive integer, got None"),
-    ("null heads", "config.json: a value of the wrong type")])
+    ("null heads", "config.json: a value of the wrong type"),
+    ("longrope", "unsupported rope scaling type 'longrope'"),
+    ("partial rotary", "partial_rotary_factor other than 1 is not supported")])
 def test_malformed_configs_are_one_line(tmp_path, config, match):
     make_checkpoint(tmp_path, "gpt2" if config == "null n_embd" else "llama")
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -730,6 +747,10 @@ def test_malformed_configs_are_one_line(tmp_path, config, match):
         config = {**cfg, "n_embd": None}
     elif config == "null heads":
         config = {**cfg, "num_attention_heads": None, "head_dim": None}
+    elif config in ("longrope", "partial rotary"):
+        rope = {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]} \
+            if config == "longrope" else {"rope_type": "default", "partial_rotary_factor": 0.5}
+        config = {**cfg, "rope_parameters": {**rope, "rope_theta": 10000.0}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
         M.load(tmp_path)
