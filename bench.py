@@ -14,6 +14,7 @@ configuration with its conditions, and the machine it ran on.
     python bench.py accuracy   # int8 / fp8 KV cache vs fp32: perplexity, greedy agreement
     python bench.py speculative  # prompt-lookup speculation vs plain decoding; verify cost
     python bench.py load       # cold process to first token: GGUF and safetensors, vs transformers
+    python bench.py invariant  # the cost of invariant mode; the ladder bitwise on the real model
     python bench.py all        # every section (kernels only where there is a GPU)
 
 What this is not: a test (tests assert, this measures) or a load generator. Timings on a
@@ -399,6 +400,100 @@ def bench_memory(args):
 def default_model():
     from model import default_model_path
     return str(default_model_path())
+
+
+# ------------------------------------------------------------------------------------------
+# invariant mode: what it costs, and whether each cache trick keeps every bit of the output
+
+INVARIANT_PROMPTS = [
+    "The history of the printing press begins", "Here are three tips for a good night's sleep:",
+    "def fibonacci(n):", "The capital of France is", "Photosynthesis is the process by which",
+    "Once upon a time, there was a little", "To make a cup of tea, first",
+    "The three states of matter are"]
+
+
+def bench_invariant(args):
+    """Batch-1 decode/prefill and many-request throughput with invariant mode off and on, in
+    interleaved rounds over one engine; then the ladder on the real model in bf16, counting
+    the requests whose tokens are the same bits: cached vs uncached, each request alone vs
+    among the others in a small pool, speculative vs plain greedy."""
+    llm = LLM(args.model, dtype="bfloat16")
+    g = torch.Generator().manual_seed(0)
+    vocab = llm.cfg.vocab_size
+    short = torch.randint(0, vocab, (8,), generator=g).tolist()
+    long = torch.randint(0, vocab, (args.prefill,), generator=g).tolist()
+    n = args.requests
+    lens = [(torch.randint(args.in_min, args.in_max + 1, (1,), generator=g).item(),
+             torch.randint(args.out_min, args.out_max + 1, (1,), generator=g).item())
+            for _ in range(n)]
+    many = [torch.randint(0, vocab, (i,), generator=g).tolist() for i, _ in lens]
+    many_p = [SamplingParams(max_new_tokens=o, ignore_eos=True) for _, o in lens]
+    times = {(mode, what): [] for mode in ("off", "on") for what in ("decode", "prefill", "many")}
+    for _ in range(args.repeat):
+        for mode in ("off", "on"):
+            llm.model.set_invariant(mode == "on")
+            for what, prompts, params in (
+                    ("decode", [short], SamplingParams(max_new_tokens=args.new, ignore_eos=True)),
+                    ("prefill", [long], SamplingParams(max_new_tokens=1, ignore_eos=True)),
+                    ("many", many, many_p)):
+                llm.cache.forget_cached()
+                t = time.perf_counter()
+                outs = llm.generate(prompts, params)
+                if what == "decode":  # the rate after the first token, as bench engine
+                    times[mode, what].append((args.new - 1) / outs[0].decode_s)
+                elif what == "prefill":
+                    times[mode, what].append(args.prefill / outs[0].ttft_s)
+                else:
+                    times[mode, what].append(sum(len(o.token_ids) for o in outs) /
+                                             (time.perf_counter() - t))
+    print(f"\n## invariant mode: cost, bf16, medians of {args.repeat} interleaved rounds "
+          f"({machine()})\n")
+    row("workload", "off tok/s", "on tok/s", "on / off")
+    row(*["---"] * 4)
+    for what, label in (("decode", f"batch-1 decode, {args.new} new"),
+                        ("prefill", f"prefill, {args.prefill} tokens"),
+                        ("many", f"{n} requests, prompts {args.in_min}-{args.in_max}, "
+                                 f"outputs {args.out_min}-{args.out_max}")):
+        off, on = (statistics.median(times[m, what]) for m in ("off", "on"))
+        row(label, f"{off:.1f}", f"{on:.1f}", f"{on / off:.2f}x")
+    print(f"\n## invariant mode: the ladder on this model, bf16, {args.agree_new} greedy tokens\n")
+    row("comparison", "invariant off: same bits", "invariant on: same bits")
+    row(*["---"] * 3)
+    counts = {mode: invariance_counts(llm, args, mode == "on") for mode in ("off", "on")}
+    for name in counts["on"]:
+        row(name, counts["off"][name], counts["on"][name])
+    llm.model.set_invariant(False)
+
+
+def invariance_counts(llm, args, on) -> dict:
+    """{comparison: "k/n requests identical"} for one mode."""
+    llm.model.set_invariant(on)
+    tok = llm.tokenizer
+    greedy = SamplingParams(max_new_tokens=args.agree_new, ignore_eos=True)
+    held_out = [tok.encode(t) for t in INVARIANT_PROMPTS[:5]]
+    out = {}
+    llm.cache.forget_cached()
+    cached = llm.generate(held_out, greedy)
+    uncached = llm.generate(held_out, greedy, use_cache=False)
+    same = sum(a.token_ids == b.token_ids for a, b in zip(cached, uncached))
+    out["5 prompts: cached == uncached"] = f"{same}/5"
+    requests = [tok.encode(INVARIANT_PROMPTS[i % 8]) + tok.encode(f" ({i})", add_bos=False)
+                for i in range(24)]
+    short = SamplingParams(max_new_tokens=min(48, args.agree_new), ignore_eos=True)
+    small = LLM(llm.model_path, dtype="bfloat16", n_blocks=48, invariant=on)
+    small.model = llm.model  # the same weights
+    together = small.generate(requests, short)
+    alone = []
+    for r in requests:
+        llm.cache.forget_cached()
+        alone.append(llm.generate([r], short)[0])
+    same = sum(a.token_ids == b.token_ids for a, b in zip(together, alone))
+    out[f"24 requests in a 48-block pool ({small.n_preemptions} preemptions) == each alone"] = \
+        f"{same}/24"
+    spec = llm.generate(held_out[:3], greedy, speculative="ngram", spec_k=4)
+    same = sum(a.token_ids == b.token_ids for a, b in zip(spec, cached[:3]))
+    out["3 prompts: speculative (prompt lookup) == plain greedy"] = f"{same}/3"
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -968,7 +1063,7 @@ def main(argv=None):
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("what", choices=["engine", "cache", "overhead", "prefix", "throughput",
                                      "capacity", "speculative", "kernels", "memory",
-                                     "accuracy", "load", "all"])
+                                     "accuracy", "load", "invariant", "all"])
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded)")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--new", type=int, default=64, help="generated tokens for decode rates")
@@ -1011,7 +1106,8 @@ def main(argv=None):
     sections = {"engine": bench_engine, "overhead": bench_overhead, "prefix": bench_prefix,
                 "capacity": bench_capacity, "throughput": bench_throughput, "cache": bench_cache,
                 "speculative": bench_speculative, "kernels": bench_kernels,
-                "memory": bench_memory, "accuracy": bench_accuracy, "load": bench_load}
+                "memory": bench_memory, "accuracy": bench_accuracy, "load": bench_load,
+                "invariant": bench_invariant}
     try:
         for name, run in sections.items():  # `all` runs them in this order
             if name == "kernels" and args.what == "all" and not torch.cuda.is_available():

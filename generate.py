@@ -427,9 +427,21 @@ def run_batch(model, cache, batch, all_logits=False) -> torch.Tensor:
     return logits
 
 
-def run_dense(model, seqs) -> torch.Tensor:
+def run_dense(model, seqs, like=None) -> torch.Tensor:
     """All tokens of every sequence, no cache: attention over this call's tokens only (the
-    uncached baseline). (B, V) logits of each sequence's last token."""
+    uncached baseline). (B, V) logits of each sequence's last token. An invariant model
+    writes them into a scratch pool shaped like the cache `like` (its block size and storage
+    dtype) and attends through it, as the cached path does: the same bits."""
+    if model.invariant:
+        cfg = model.cfg
+        p = like.block_size
+        scratch = cache_mod.KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim,
+                                    sum(-(-len(s.tokens) // p) for s in seqs), p, like.dtype,
+                                    like.kv.device)
+        batch = [(s, len(s.tokens), scratch.append(s.id, s.tokens)) for s in seqs]
+        for s in seqs:
+            s.n_computed = 0
+        return run_batch(model, scratch, batch)
     dev = next(model.parameters()).device
     starts = [0]
     for s in seqs:
@@ -483,10 +495,13 @@ class LLM:
     n_blocks: KV pool size in blocks of block_size tokens; None sizes it from kv_budget: a
     size string like "2GiB", whole bytes from 1 MiB up, or a float in (0, 1], the fraction of
     free device memory (see cache.parse_budget and KVCache.from_budget). max_batch_tokens
-    bounds the tokens computed in one step."""
+    bounds the tokens computed in one step. invariant=True computes every token's logits
+    with the same float operations whatever its batch, step or path (fixed-shape products, see
+    model.invariant_linear and kernels.invariant_attention_ref): cached == uncached == chunked
+    == batched == speculative, bit for bit in any dtype, at the cost the README measures."""
 
     def __init__(self, model=None, device="cpu", dtype=None, block_size=16, n_blocks=None,
-                 kv_budget="256MiB", max_batch_tokens=2048, kv_dtype=None):
+                 kv_budget="256MiB", max_batch_tokens=2048, kv_dtype=None, invariant=False):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         if block_size < 1 or (n_blocks is not None and n_blocks < 1) or max_batch_tokens < 1:
@@ -495,6 +510,7 @@ class LLM:
         cache_mod.parse_budget(kv_budget, self.device)  # bad input fails before the load
         self.model_path = str(model if model is not None else model_mod.default_model_path())
         self.model, self.tokenizer = model_mod.load(self.model_path, self.dtype, self.device)
+        self.model.set_invariant(bool(invariant))
         cfg = self.cfg = self.model.cfg
         shape = (cfg.n_layer, cfg.n_kv_head, cfg.head_dim)
         self.cache = cache_mod.KVCache(*shape, n_blocks, block_size, kv_dtype, self.device) \
@@ -581,7 +597,7 @@ class LLM:
             return
         batch = sched.schedule()
         logits = self.run(batch) if sched.cache is not None else \
-            run_dense(self.model, [b.seq for b in batch])
+            run_dense(self.model, [b.seq for b in batch], self.cache)
         taken = self.postprocess(sched, out, batch, logits)
         if speculator is not None:
             speculator.count_plain(taken)
@@ -709,6 +725,10 @@ def parse_args(argv):
                     help="KV cache blocks (default: as many as --kv-budget holds)")
     ap.add_argument("--kv-budget", default="256MiB",
                     help="KV cache memory: a size (2GiB, 512MiB) or a fraction of free memory")
+    ap.add_argument("--invariant", action=argparse.BooleanOptionalAction, default=False,
+                    help="invariant mode: every token's logits the same bits whatever its batch, "
+                         "step or path (cached == uncached == batched == speculative, in any "
+                         "dtype); costs speed, see the README")
     ap.add_argument("--kv-dtype", default="auto", choices=["auto", "int8", "fp8"],
                     help="KV cache storage: the model's dtype, or quantized with one scale per "
                          "vector (int8: half of bf16; fp8 on GPUs of compute capability 8.9+)")
@@ -857,7 +877,8 @@ def main(argv=None):
                 raise ValueError("--speculative needs --spec-k >= 1 and the cache (no --no-cache)")
             speculator = spec_mod.Speculator(args.speculative, args.spec_k)
         llm = LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
-                  n_blocks=args.n_blocks, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype)
+                  n_blocks=args.n_blocks, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype,
+                  invariant=args.invariant)
         if args.chat and not args.prompt_file:
             run_chat(llm, params, speculator, args.prompt)
             return 0

@@ -755,6 +755,112 @@ def dense_causal_attention(q, k, v, query_start, scale):
     return out
 
 
+# ------------------------------------------------------------------------------------------
+# invariant attention: every query's result computed by the same float operations whatever
+# step, batch, chunk or path it is computed in (LLM(invariant=True))
+#
+# The other paths add the same numbers in orders that depend on the batch: SDPA for one
+# sequence, two matmuls for many, a causal kernel for prefill; a matmul's blocking depends on
+# its row count (measured: on this CPU a bf16 576x960 product gives other bits for M = 64 than
+# for M = 32). Here every product has a fixed shape, whatever the batch:
+#   - query rows, one per (query, head of the KV group), go in chunks of ROWS (the last chunk
+#     padded with copies of its last row), one KV head per product;
+#   - keys go in tiles of TILE absolute positions (tile t holds positions tW .. tW + W - 1),
+#     so a key sits in the same tile in a prefill, a chunk or a decode step;
+#   - each (chunk, tile) product gives the tile's row max m_t, sum l_t and weighted values
+#     a_t (fp32, keys after the query's position masked); tiles merge as
+#     sum_t exp(m_t - M) (l_t, a_t) with M the max over tiles, summed by a binary tree over
+#     the absolute tile index. Tiles past a query (all masked) add exact zeros, and the tree
+#     pairs tiles by index, so the number of tiles a batch needs cannot change a query's sum.
+INVARIANT_TILE = 64
+INVARIANT_ROWS = 16
+INVARIANT_BYTES = 64 << 20  # fp32 K/V tiles gathered at once (chunks go in groups under it)
+
+
+def invariant_plan(meta: AttnMeta, group: int, device):
+    """The step's row chunks and key tiles, the same for every layer (cached on meta)."""
+    key = ("invariant_plan", group)
+    if key in meta.__dict__:
+        return meta.__dict__[key]
+    W, R, P = INVARIANT_TILE, INVARIANT_ROWS, meta.block_size
+    qs, ctx = meta.query_start_host, meta.context_lens_host
+    tables = meta.block_tables.tolist()
+    row_token, row_head, row_pos, chunk_seq = [], [], [], []
+    for b in range(len(ctx)):
+        n_q = qs[b + 1] - qs[b]
+        rows = [(qs[b] + r // group, r % group, ctx[b] - n_q + r // group)
+                for r in range(n_q * group)]
+        rows += [rows[-1]] * (-len(rows) % R)  # pad the last chunk with its last row
+        for c in range(0, len(rows), R):
+            tok, head, pos = zip(*rows[c:c + R])
+            row_token.append(tok), row_head.append(head), row_pos.append(pos)
+            chunk_seq.append(b)
+    n_tiles = max(-(-c // W) for c in ctx)
+    n_tiles = 1 << (n_tiles - 1).bit_length()  # a power of two: the merge is a binary tree
+    key_pos = torch.arange(n_tiles * W)
+    slots = torch.zeros(len(ctx), n_tiles * W, dtype=torch.int64)
+    for b, table in enumerate(tables):
+        n = ctx[b]
+        blocks = torch.tensor(table, dtype=torch.int64)[key_pos[:n] // P]
+        slots[b, :n] = blocks * P + key_pos[:n] % P
+    valid = key_pos[None, :] < torch.tensor(ctx)[:, None]                  # (B, nT W)
+    t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
+    plan = (t(row_token), t(row_head), t(row_pos), t(chunk_seq), slots.to(device),
+            valid.to(device), n_tiles)
+    meta.__dict__[key] = plan
+    return plan
+
+
+def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None):
+    """q (T, H, D) packed new queries over their paged contexts (already stored) -> (T, H, D),
+    prefill, chunk or decode alike, each query's result the same bits wherever it is computed
+    (see above)."""
+    n_tok, n_head, d = q.shape
+    n_kv, n_blocks, block_size, _ = k_cache.shape
+    group, W, R = n_head // n_kv, INVARIANT_TILE, INVARIANT_ROWS
+    row_token, row_head, row_pos, chunk_seq, slots, valid, n_tiles = \
+        invariant_plan(meta, group, q.device)
+    n_seq = slots.shape[0]
+    acc = torch.promote_types(q.dtype, torch.float32)                    # fp32, or fp64
+    kv = []  # each sequence's keys and values in tiles: (K, B, nT, W, D) fp32, zero past ctx
+    for cache, sc in zip((k_cache, v_cache), kv_scales or (None, None)):
+        x = cache.view(n_kv, n_blocks * block_size, d).index_select(1, slots.view(-1))
+        if sc is not None:
+            x = dequantize_ref(x, sc.view(n_kv, n_blocks * block_size).index_select(
+                1, slots.view(-1)), q.dtype)
+        x = torch.where(valid[None, :, :, None], x.view(n_kv, n_seq, n_tiles * W, d).to(q.dtype)
+                        .to(acc), 0.0)  # (pool slots past a context may hold anything, NaN too)
+        kv.append(x.view(n_kv, n_seq, n_tiles, W, d))
+    rows = q.view(n_tok, n_kv, group, d)[row_token, :, row_head].to(acc)  # (C, R, K, D)
+    out = torch.empty(rows.shape, dtype=acc, device=q.device)
+    key_pos = torch.arange(n_tiles * W, device=q.device).view(n_tiles, 1, W)
+    per_chunk = n_kv * n_tiles * W * d * acc.itemsize * 2
+    step = max(1, INVARIANT_BYTES // per_chunk)
+    for c0 in range(0, rows.shape[0], step):
+        c1 = min(c0 + step, rows.shape[0])
+        seq = chunk_seq[c0:c1]
+        k, v = (x.index_select(1, seq) for x in kv)                       # (K, Cg, nT, W, D)
+        qc = rows[c0:c1].permute(2, 0, 1, 3)                               # (K, Cg, R, D)
+        qc = qc.unsqueeze(2).expand(-1, -1, n_tiles, -1, -1).reshape(-1, R, d)
+        s = torch.bmm(qc, k.reshape(-1, W, d).transpose(1, 2)) * scale     # (K Cg nT, R, W)
+        s = s.view(n_kv, c1 - c0, n_tiles, R, W)
+        later = key_pos[None] > row_pos[c0:c1, None, :, None]              # (Cg, nT, R, W)
+        s = s.masked_fill(later[None], float("-inf"))
+        m = s.amax(-1)                                                     # (K, Cg, nT, R)
+        p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m)[..., None])
+        l_t = p.sum(-1)
+        a_t = torch.bmm(p.view(-1, R, W), v.reshape(-1, W, d)).view(n_kv, c1 - c0, n_tiles, R, d)
+        w = torch.exp(m - m.amax(2, keepdim=True))                         # 0 for masked tiles
+        l_t, a_t = l_t * w, a_t * w[..., None]
+        while l_t.shape[2] > 1:  # the binary tree over absolute tile index
+            l_t = l_t[:, :, 0::2] + l_t[:, :, 1::2]
+            a_t = a_t[:, :, 0::2] + a_t[:, :, 1::2]
+        out[c0:c1] = (a_t[:, :, 0] / l_t[:, :, 0, :, None]).permute(1, 2, 0, 3)
+    result = torch.empty_like(q).view(n_tok, n_kv, group, d)
+    result[row_token, :, row_head] = out.to(q.dtype)
+    return result.view(n_tok, n_head, d)
+
+
 def paged_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None):
     """The model's one entry point: decode batches take the decode kernel, anything with more
     than one new token per sequence (prefill, chunks, verification) the prefill kernel."""

@@ -209,6 +209,23 @@ def rope_scale(cfg) -> float:
     return m()
 
 
+# Invariant mode (LLM(invariant=True)): every weight product runs on exactly LINEAR_ROWS rows
+# (the last chunk padded with zeros). A CPU matmul picks its blocking from the row count, so
+# the same row multiplied among 1 or 64 others can round differently (measured: a bf16 576x960
+# product differs between M = 64 and M = 32); with one fixed shape it cannot, and test_model.py
+# checks that on every weight shape. 16 rows cost a decode step (one row) nothing measurable
+# and a prefill several times more products (see the README's measurements).
+LINEAR_ROWS = 16
+
+
+def invariant_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), x (M, in), computed LINEAR_ROWS rows at a time."""
+    n = x.shape[0]
+    if n % LINEAR_ROWS:
+        x = torch.cat([x, x.new_zeros(LINEAR_ROWS - n % LINEAR_ROWS, x.shape[1])])
+    return torch.cat([F.linear(c, weight, bias) for c in x.split(LINEAR_ROWS)])[:n]
+
+
 def norm(cfg, p, x):
     """The family's normalisation with parameters p: RMSNorm (Llama) or LayerNorm (GPT-2)."""
     if cfg.arch == "llama":
@@ -260,6 +277,8 @@ class Block(nn.Module):
     """One transformer block, pre-norm. Q, K, V are one fused matrix (one matmul per token),
     and so are SwiGLU's gate and up projections."""
 
+    invariant = False  # set by Transformer.set_invariant
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -287,7 +306,8 @@ class Block(nn.Module):
         n_head, n_kv, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # F.linear on the weights directly: nn.Module's call machinery costs ~2 us a call,
         # which adds up over 4 matmuls x L layers of a decode step
-        qkv = F.linear(norm(cfg, self.attn_norm, x), self.qkv.weight, self.qkv.bias)
+        linear = invariant_linear if self.invariant else F.linear
+        qkv = linear(norm(cfg, self.attn_norm, x), self.qkv.weight, self.qkv.bias)
         qk, val = qkv.split([(n_head + n_kv) * d, n_kv * d], dim=-1)  # (T, (H+K) D), (T, K D)
         qk = qk.view(n_tok, n_head + n_kv, d)                          # (T, H+K, D)
         val = val.view(n_tok, n_kv, d)                                 # (T, K, D)
@@ -300,19 +320,22 @@ class Block(nn.Module):
         else:  # write this step's K/V into the pool, then read each sequence's whole context
             k_cache, v_cache, kv_scales = kv_layer  # (K, N, P, D) each; scales if quantized
             kernels.store_kv(key, val, k_cache, v_cache, meta, kv_scales)
-            a = kernels.paged_attention(q, k_cache, v_cache, meta, scale, kv_scales)  # (T, H, D)
+            attend = kernels.invariant_attention_ref if self.invariant else \
+                kernels.paged_attention
+            a = attend(q, k_cache, v_cache, meta, scale, kv_scales)          # (T, H, D)
         x = self.linear_residual(x, a.reshape(n_tok, n_head * d), self.out)  # (T, H D) -> (T, C)
         m = norm(cfg, self.mlp_norm, x)
         if cfg.arch == "llama":
-            gate, up = F.linear(m, self.gate_up.weight).chunk(2, dim=-1)  # (T, F) each
+            gate, up = linear(m, self.gate_up.weight).chunk(2, dim=-1)     # (T, F) each
             return self.linear_residual(x, F.silu(gate) * up, self.down)
-        hidden = F.gelu(F.linear(m, self.fc.weight, self.fc.bias), approximate="tanh")  # (T, F)
+        hidden = F.gelu(linear(m, self.fc.weight, self.fc.bias), approximate="tanh")  # (T, F)
         return self.linear_residual(x, hidden, self.proj)               # tanh GELU: "gelu_new"
 
-    @staticmethod
-    def linear_residual(x, a, lin):
+    def linear_residual(self, x, a, lin):
         """x + a @ W^T (+ b): the residual add rides in the matmul (addmm) when unbiased.
         weight_t is a transposed view made once at load (see Transformer.prepare)."""
+        if self.invariant:
+            return x + invariant_linear(a, lin.weight, lin.bias)
         if lin.bias is None:
             return torch.addmm(x, a, lin.weight_t)
         return x + F.linear(a, lin.weight, lin.bias)
@@ -338,6 +361,27 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", torch.empty(n_freq), persistent=False)
         self.rope_scale = rope_scale(cfg) if cfg.arch == "llama" else 1.0
 
+    invariant = False
+
+    def set_invariant(self, on: bool):
+        """Invariant mode: fixed-shape products (invariant_linear, the invariant attention)
+        and RoPE's cos/sin read from a table, so that a token's logits are the same bits
+        whatever its batch, step or path. Returns the model."""
+        self.invariant = on
+        for block in self.blocks:
+            block.invariant = on
+        return self
+
+    def rope_table(self):
+        """(max_seq_len, D/2) cos and sin, computed once: a position's rotation then never
+        depends on how many positions a forward pass rotates."""
+        if "_rope_table" not in self.__dict__:
+            positions = torch.arange(self.cfg.max_seq_len, device=self.inv_freq.device)
+            cos, sin = rope_rotation(positions, self.inv_freq, torch.float32, as_matrix=False,
+                                     scale=self.rope_scale)
+            self.__dict__["_rope_table"] = (cos, sin)                    # (S, 1, D/2) each
+        return self.__dict__["_rope_table"]
+
     def prepare(self):
         """Per-call work done once after loading: transposed views for addmm."""
         for block in self.blocks:
@@ -355,13 +399,18 @@ class Transformer(nn.Module):
         x = self.tok_emb(tokens)                                   # (T, C)
         if self.cfg.arch == "gpt2":
             x = x + self.pos_emb(positions)
-        rope = rope_rotation(positions, self.inv_freq, x.dtype, scale=self.rope_scale) \
-            if self.cfg.arch == "llama" else None
+        rope = None
+        if self.cfg.arch == "llama" and self.invariant:
+            rope = tuple(t[positions].to(x.dtype) for t in self.rope_table())
+        elif self.cfg.arch == "llama":
+            rope = rope_rotation(positions, self.inv_freq, x.dtype, scale=self.rope_scale)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, meta, kv[i] if kv is not None else None)
         if not all_logits:
             x = x[meta.last_token_index]                           # (B, C): the LM head is
         x = norm(self.cfg, self.norm, x)                           # the costliest matmul
+        if self.invariant:
+            return invariant_linear(x, self.lm_head.weight).float()
         return self.lm_head(x).float()                             # (B, V)
 
 

@@ -36,6 +36,11 @@ def test_bench_all_runs_on_a_tiny_model(tmp_path, capsys):
                    for r in rows), prompt
     assert any(r.startswith("| 4 | ") and r.endswith("x |") for r in rows)  # verification cost
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # invariant mode: its cost, and the ladder's counts, every comparison all same in mode on
+    assert any(r.startswith("| batch-1 decode, 4 new | ") and r.endswith("x |") for r in rows)
+    ladder = [r for r in rows if "==" in r.split(" | ")[0]]
+    assert len(ladder) == 3 and all(r.split(" | ")[2].split("/")[0] ==
+                                    r.split(" | ")[2].split("/")[1].rstrip(" |") for r in ladder)
     # memory: every architecture x every kv dtype; int8 halves fp16 but for the scales
     mem = {(r.split(" | ")[0][2:], r.split(" | ")[2]): int(r.split(" | ")[3].replace(",", ""))
            for r in rows if r.split(" | ")[2:3] and r.split(" | ")[2] in bench.KV_STORAGE}

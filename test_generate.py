@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from model import kernels
 from conftest import make_checkpoint, smollm2_path
@@ -100,6 +100,81 @@ def test_preempted_and_chunked_equal_unconstrained(tiny_dir, prompts, n_blocks, 
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     tight.cache.check_invariants()
     assert tight.cache.n_free_blocks == n_blocks
+
+
+# ------------------------------------------------------------------------------------------
+# invariant mode: the ladder bitwise in bf16 (and over an int8 cache)
+
+def record_logits(monkeypatch) -> dict:
+    """Every sampled row of logits, keyed by the tokens it follows: in invariant mode one
+    prefix has one row of logits, whichever run, batch, step or path computed it."""
+    seen, take = {}, gen_mod.next_tokens
+
+    def recording(logits, seqs):
+        for row, seq in zip(logits, seqs):
+            seen.setdefault(tuple(seq.tokens), []).append(row.clone())
+        return take(logits, seqs)
+    monkeypatch.setattr(gen_mod, "next_tokens", recording)
+    return seen
+
+
+def ladder_runs(path, prompts, n_new, n_blocks, max_batch_tokens, kv_dtype, invariant):
+    """Token ids of the same greedy requests run every way the ladder compares."""
+    def engine(**kw):
+        return LLM(path, dtype="bfloat16", block_size=4, kv_dtype=kv_dtype, invariant=invariant,
+                   **kw)
+    p = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
+    ample, tight = engine(n_blocks=512), engine(n_blocks=n_blocks, max_batch_tokens=max_batch_tokens)
+    runs = {"alone": [ample.generate([q], p)[0].token_ids for q in prompts]}
+    runs["uncached"] = [o.token_ids for o in ample.generate(prompts, p, use_cache=False)]
+    runs["batched, chunked, preempted"] = [o.token_ids for o in tight.generate(prompts, p)]
+    again = tight.generate(prompts[::-1], p)[::-1]  # prefix hits on what the last run left
+    runs["prefix hits"] = [o.token_ids for o in again]
+    runs["speculative"] = [o.token_ids for o in ample.generate(prompts, p, speculative="ngram",
+                                                               spec_k=3)]
+    return runs, tight
+
+
+@settings(max_examples=max(6, settings.default.max_examples // 2))
+@given(arch=st.sampled_from(["gpt2", "llama"]),
+       prompts=st.lists(st.lists(st.integers(0, 290), min_size=1, max_size=40), min_size=2,
+                        max_size=6),
+       n_new=st.integers(16, 40), spare=st.integers(0, 6), max_batch_tokens=st.integers(3, 64),
+       kv_dtype=st.sampled_from([None, "int8"]))
+def test_invariant_mode_is_bitwise_in_bf16(tiny_dir, arch, prompts, n_new, spare,
+                                          max_batch_tokens, kv_dtype):
+    """invariant=True, bf16 (and an int8 cache): a request alone == uncached (a fresh prefill
+    of every prefix) == among the others in a pool tight enough to preempt, prefilled in chunks
+    == on prefix hits == speculative greedy, as token ids and as every step's logits."""
+    n_blocks = max(-(-(len(q) + n_new) // 4) for q in prompts) + spare
+    with pytest.MonkeyPatch.context() as mp:
+        seen = record_logits(mp)
+        runs, tight = ladder_runs(str(tiny_dir(arch)), prompts, n_new, n_blocks,
+                                  max_batch_tokens, kv_dtype, invariant=True)
+    for name, ids in runs.items():
+        assert ids == runs["alone"], name
+    for prefix, rows in seen.items():
+        assert all(torch.equal(r, rows[0]) for r in rows[1:]), prefix
+    assert sum(len(r) > 1 for r in seen.values()) >= len(seen) // 2  # most were recomputed
+    tight.cache.check_invariants()
+
+
+def test_without_invariant_mode_the_ladder_sees_differences(tiny_dir, monkeypatch):
+    """The negative control: the same comparisons in the default mode find logits that
+    differ in bf16 (so the test above can see what it claims)."""
+    seen = record_logits(monkeypatch)
+    prompts = [[(7 * i + 3 * j) % 290 for j in range(5 + 6 * i)] for i in range(6)]
+    ladder_runs(str(tiny_dir("llama")), prompts, 40, 40, 7, None, invariant=False)
+    assert any(not torch.equal(r, rows[0]) for rows in seen.values() for r in rows[1:])
+
+
+def test_invariant_forks_equal_each_sample_alone(tiny_dir):
+    llm = LLM(str(tiny_dir("llama")), dtype="bfloat16", block_size=4, invariant=True)
+    p = dict(max_new_tokens=24, temperature=0.9, ignore_eos=True)
+    forks = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(n=3, seed=11, **p))
+    alone = [llm.generate([[5, 6, 7, 8, 9]], SamplingParams(seed=11 + i, **p))[0]
+             for i in range(3)]
+    assert [f.token_ids for f in forks] == [a.token_ids for a in alone]
 
 
 def test_tight_pool_really_preempts(tiny_dir, monkeypatch):

@@ -78,6 +78,65 @@ def test_decode_attention_matches_dense(case):
 
 
 @given(paged_batches())
+def test_invariant_attention_matches_dense(case):
+    assert_matches_oracle(kernels.invariant_attention_ref, case)
+
+
+@st.composite
+def long_batches(draw):
+    """Contexts over several tiles of the invariant attention, bf16-sized."""
+    n_kv, group, d, block_size, _, _, seed = draw(paged_batches())
+    n_seq = draw(st.integers(1, 4))
+    ctx = [draw(st.integers(1, 3 * kernels.INVARIANT_TILE)) for _ in range(n_seq)]
+    new = [draw(st.integers(1, min(c, 40))) for c in ctx]
+    return n_kv, group, d, block_size, ctx, new, seed
+
+
+@settings(max_examples=max(25, settings.default.max_examples))
+@given(case=long_batches(), dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]))
+def test_invariant_attention_bits_do_not_depend_on_the_batch(case, dtype):
+    """Each query's output is the same bits computed in the whole batch, with its sequence
+    alone, or one query at a time as decode steps (the context ending at the query): what
+    makes cached == uncached == chunked == batched hold bitwise in invariant mode."""
+    k_cache, v_cache, _, _, qs, meta = build(*case)
+    k_cache, v_cache, qs = k_cache.to(dtype), v_cache.to(dtype), [q.to(dtype) for q in qs]
+    d, scale = qs[0].shape[-1], qs[0].shape[-1] ** -0.5
+    whole = kernels.invariant_attention_ref(torch.cat(qs), k_cache, v_cache, meta, scale)
+    tables = meta.block_tables.tolist()
+    starts, ctx = meta.query_start_host, meta.context_lens_host
+    for b, q in enumerate(qs):
+        n = len(q)
+        alone = kernels.AttnMeta.paged([0] * n, [tables[b]], [ctx[b]], [0, n], k_cache.shape[:3])
+        got = kernels.invariant_attention_ref(q, k_cache, v_cache, alone, scale)
+        assert torch.equal(got, whole[starts[b]:starts[b + 1]])
+        for i in range(n):  # as a decode step
+            step = kernels.AttnMeta.paged([0], [tables[b]], [ctx[b] - n + i + 1], [0, 1],
+                                          k_cache.shape[:3])
+            one = kernels.invariant_attention_ref(q[i:i + 1], k_cache, v_cache, step, scale)
+            assert torch.equal(one, got[i:i + 1]), (b, i)
+
+
+def test_the_usual_attention_paths_do_differ_in_bf16():
+    """The negative control of the test above: the default paths (SDPA for one sequence,
+    batched matmuls for many, the causal prefill) give other bits for the same queries."""
+    case = (3, 3, 64, 16, [150, 170, 90, 120], [40, 1, 30, 1], 7)
+    k_cache, v_cache, _, _, qs, meta = build(*case)
+    k_cache, v_cache = k_cache.to(torch.bfloat16), v_cache.to(torch.bfloat16)
+    qs = [q.to(torch.bfloat16) for q in qs]
+    whole = kernels.paged_attention(torch.cat(qs), k_cache, v_cache, meta, 0.125)
+    tables, starts, ctx = meta.block_tables.tolist(), meta.query_start_host, meta.context_lens_host
+    differ = 0
+    for b, q in enumerate(qs):
+        n = len(q)
+        for i in range(n):
+            step = kernels.AttnMeta.paged([0], [tables[b]], [ctx[b] - n + i + 1], [0, 1],
+                                          k_cache.shape[:3])
+            one = kernels.paged_attention(q[i:i + 1], k_cache, v_cache, step, 0.125)
+            differ += not torch.equal(one, whole[starts[b] + i:starts[b] + i + 1])
+    assert differ > 0
+
+
+@given(paged_batches())
 def test_dense_causal_attention_matches_oracle(case):
     n_kv, group, d, block_size, ctx, _, seed = case
     g = torch.Generator().manual_seed(seed)
