@@ -822,34 +822,41 @@ def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
         invariant_plan(meta, group, q.device)
     n_seq = slots.shape[0]
     acc = torch.promote_types(q.dtype, torch.float32)                    # fp32, or fp64
-    kv = []  # each sequence's keys and values in tiles: (K, B, nT, W, D) fp32, zero past ctx
+    kv = []  # each sequence's keys and values in tiles: (K, B, nT, W, D), values zero past ctx
     for cache, sc in zip((k_cache, v_cache), kv_scales or (None, None)):
         x = cache.view(n_kv, n_blocks * block_size, d).index_select(1, slots.view(-1))
         if sc is not None:
             x = dequantize_ref(x, sc.view(n_kv, n_blocks * block_size).index_select(
                 1, slots.view(-1)), q.dtype)
-        x = torch.where(valid[None, :, :, None], x.view(n_kv, n_seq, n_tiles * W, d).to(q.dtype)
-                        .to(acc), 0.0)  # (pool slots past a context may hold anything, NaN too)
-        kv.append(x.view(n_kv, n_seq, n_tiles, W, d))
-    rows = q.view(n_tok, n_kv, group, d)[row_token, :, row_head].to(acc)  # (C, R, K, D)
+        kv.append(x.to(q.dtype).view(n_kv, n_seq, n_tiles, W, d))
+    # slots past a context may hold anything (NaN in a poisoned pool): their scores are masked,
+    # and their values zeroed so that a zero weight times them stays zero
+    kv[1] = torch.where(valid.view(1, n_seq, n_tiles, W, 1), kv[1], 0.0)
+    rows = q.view(n_tok, n_kv, group, d)[row_token, :, row_head]         # (C, R, K, D)
     out = torch.empty(rows.shape, dtype=acc, device=q.device)
     key_pos = torch.arange(n_tiles * W, device=q.device).view(n_tiles, 1, W)
-    per_chunk = n_kv * n_tiles * W * d * acc.itemsize * 2
+    per_chunk = n_kv * n_tiles * W * d * q.element_size() * 2
     step = max(1, INVARIANT_BYTES // per_chunk)
+    one_chunk_each = rows.shape[0] == n_seq  # decode: chunk b is sequence b, nothing to copy
     for c0 in range(0, rows.shape[0], step):
         c1 = min(c0 + step, rows.shape[0])
-        seq = chunk_seq[c0:c1]
-        k, v = (x.index_select(1, seq) for x in kv)                       # (K, Cg, nT, W, D)
+        if one_chunk_each:
+            k, v = (x[:, c0:c1] for x in kv)                               # (K, Cg, nT, W, D)
+        else:
+            k, v = (x.index_select(1, chunk_seq[c0:c1]) for x in kv)
         qc = rows[c0:c1].permute(2, 0, 1, 3)                               # (K, Cg, R, D)
         qc = qc.unsqueeze(2).expand(-1, -1, n_tiles, -1, -1).reshape(-1, R, d)
-        s = torch.bmm(qc, k.reshape(-1, W, d).transpose(1, 2)) * scale     # (K Cg nT, R, W)
+        # products in the model's dtype, accumulated in fp32 (as matmuls do); the softmax
+        # in fp32
+        s = torch.bmm(qc, k.reshape(-1, W, d).transpose(1, 2)).to(acc) * scale
         s = s.view(n_kv, c1 - c0, n_tiles, R, W)
         later = key_pos[None] > row_pos[c0:c1, None, :, None]              # (Cg, nT, R, W)
         s = s.masked_fill(later[None], float("-inf"))
         m = s.amax(-1)                                                     # (K, Cg, nT, R)
         p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m)[..., None])
         l_t = p.sum(-1)
-        a_t = torch.bmm(p.view(-1, R, W), v.reshape(-1, W, d)).view(n_kv, c1 - c0, n_tiles, R, d)
+        a_t = torch.bmm(p.view(-1, R, W).to(q.dtype), v.reshape(-1, W, d)).to(acc)
+        a_t = a_t.view(n_kv, c1 - c0, n_tiles, R, d)
         w = torch.exp(m - m.amax(2, keepdim=True))                         # 0 for masked tiles
         l_t, a_t = l_t * w, a_t * w[..., None]
         while l_t.shape[2] > 1:  # the binary tree over absolute tile index

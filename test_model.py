@@ -89,6 +89,39 @@ def test_rope_scaling_matches_transformers(tmp_path, arch, rope):
         assert not torch.allclose(plain(torch.tensor([ids])).logits[0], want, atol=1e-2)
 
 
+# (in, out) of every weight product of the architectures the README names, at real sizes:
+# SmolLM2-135M, GPT-2 small, Qwen2-0.5B, Llama-3.2-1B (QKV fused, gate/up fused, down, LM head
+# where it stays under ~100 MB in bf16)
+WEIGHT_SHAPES = sorted({
+    (576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152),
+    (768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257),
+    (896, 1152), (896, 896), (896, 9728), (4864, 896),
+    (2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_invariant_linear_rows_do_not_depend_on_their_company(dtype):
+    """Each row of invariant_linear is the same bits computed alone, among 16 or among 40
+    others, at any place among them, for every weight shape listed. The negative control: the
+    same check catches a product whose rows depend on their company (x W^T computed as
+    (x - mean) W^T + mean W^T: equal in exact arithmetic, not in floating point)."""
+    g = torch.Generator().manual_seed(0)
+
+    def company_free(linear, x, w):
+        whole = linear(x, w)
+        return all(torch.equal(linear(x[rows], w), whole[rows])
+                   for rows in ([7], [0, 1], list(range(3, 20)), [39, 2, 11]))
+
+    def centred(x, w):
+        mean = x.float().mean(0, keepdim=True).to(x.dtype)
+        return M.invariant_linear(x - mean, w) + M.invariant_linear(mean, w)
+    for n_in, n_out in WEIGHT_SHAPES:
+        w = torch.randn(n_out, n_in, generator=g).to(dtype)
+        x = torch.randn(40, n_in, generator=g).to(dtype)
+        assert company_free(M.invariant_linear, x, w), (n_in, n_out)
+        assert not company_free(centred, x, w), (n_in, n_out)
+
+
 @pytest.mark.parametrize("as_matrix", [True, False])
 def test_both_rope_forms_match_transformers(tmp_path, monkeypatch, as_matrix):
     """RoPE as (T, D, D) matrices (the CPU's form) and as cos/sin (a GPU's: no T x D x D
