@@ -395,6 +395,31 @@ def bench_memory(args):
             row(name, f"{n_layer} x {n_kv} x {d}", dname,
                 f"{bytes_per_token(n_layer, n_kv, d, dtype):,}", f"{n_blocks:,}",
                 f"{n_blocks // blocks_per_seq:,}")
+    window = args.window
+    print(f"\nOne sequence generating {args.long_context:,} tokens one at a time, blocks of 16, "
+          f"under a sliding window of {window:,} on every layer (Mistral-7B v0.1's window: "
+          f"4,096): the blocks it holds at its peak (block bookkeeping only)\n")
+    row("release of blocks out of the window", "peak blocks", "peak KV, Mistral-7B bf16")
+    row(*["---"] * 3)
+    per_block = 16 * bytes_per_token(32, 8, 128, torch.bfloat16)
+    for release in (False, True):
+        peak = peak_blocks_of_a_long_generation(args.long_context, window, release)
+        row("on" if release else "off", f"{peak:,}", f"{peak * per_block / 2**30:.2f} GiB")
+
+
+def peak_blocks_of_a_long_generation(n_tokens, window, release, block_size=16) -> int:
+    """Append one token at a time (a prompt of one block, then decode) to a pool on the meta
+    device, releasing what the window left after every token, as the engine does."""
+    cache = KVCache(1, 1, 1, -(-n_tokens // block_size) + 1, block_size, device="meta")
+    cache.append(0, list(range(block_size)))
+    peak = 1
+    for n in range(block_size, n_tokens):
+        cache.append(0, [n % 50000])
+        if release:
+            cache.release_before(0, n + 1 - window + 1)
+        peak = max(peak, cache.n_used_blocks)
+    cache.check_invariants()
+    return peak
 
 
 def default_model():
@@ -1101,6 +1126,9 @@ def main(argv=None):
     ap.add_argument("--json", default="", help="kernels --compile-only: also write the results")
     ap.add_argument("--memory-budget", default="16GiB", help="KV budget (memory)")
     ap.add_argument("--context", type=int, default=4096, help="tokens per sequence (memory)")
+    ap.add_argument("--window", type=int, default=4096, help="sliding window (memory)")
+    ap.add_argument("--long-context", type=int, default=32768,
+                    help="tokens of the long generation under a sliding window (memory)")
     ap.add_argument("--agree-new", type=int, default=128,
                     help="greedy tokens compared per prompt (accuracy)")
     ap.add_argument("--ppl-tokens", type=int, default=0,

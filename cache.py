@@ -121,6 +121,12 @@ def chain_hash(parent_hash, tokens) -> int:
     return hash((0 if parent_hash is None else parent_hash, tuple(tokens)))
 
 
+# A table entry whose block was released because every key in it left the sliding window of
+# every layer (release_before): the table keeps its length, so a token's block is still
+# table[pos // P], and attention never reads the entry (the window masks its positions).
+RELEASED = -1
+
+
 class KVCache:
     """The pool `kv` has shape (n_layer, 2, K, N, P, D): kv[layer, 0] is the K cache and
     kv[layer, 1] the V cache of that layer, each (K, N, P, D) and contiguous. Heads outermost:
@@ -195,7 +201,8 @@ class KVCache:
         # attends), but nothing may copy them, and a failed pass must forget them
         self.unwritten: set[int] = set()
         # per sequence
-        self.block_tables: dict[int, list[int]] = {}  # seq id -> physical blocks, in order
+        # seq id -> physical blocks, in order; RELEASED for a block a sliding window left
+        self.block_tables: dict[int, list[int]] = {}
         self.seq_tokens: dict[int, list[int]] = {}    # seq id -> token ids it has slots for
 
     # -- queries ----------------------------------------------------------------------------
@@ -404,7 +411,8 @@ class KVCache:
             raise ValueError(f"sequence {child_id} already exists")
         table = self.block_tables[parent_id]
         for block in table:
-            self.ref_counts[block] += 1
+            if block != RELEASED:
+                self.ref_counts[block] += 1
         self.block_tables[child_id] = list(table)
         self.seq_tokens[child_id] = list(self.seq_tokens[parent_id])
 
@@ -414,6 +422,10 @@ class KVCache:
         seq = self.seq_tokens[seq_id]
         if not 0 <= n_drop <= len(seq):
             raise ValueError(f"cannot drop {n_drop} of {len(seq)} tokens")
+        keep = self.blocks_needed(len(seq) - n_drop)
+        if keep and self.block_tables[seq_id][keep - 1] == RELEASED:
+            raise ValueError(f"cannot drop {n_drop} tokens of sequence {seq_id}: its block "
+                             f"{keep - 1} has left the sliding window and been released")
         del seq[len(seq) - n_drop:]
         table = self.block_tables[seq_id]
         while len(table) > self.blocks_needed(len(seq)):
@@ -423,8 +435,24 @@ class KVCache:
         """Release every block of seq_id, last first (so a prefix outlives its tail in the LRU).
         Freeing an unknown sequence is a no-op, so a cleanup path may call it unconditionally."""
         for block in reversed(self.block_tables.pop(seq_id, [])):
-            self._release(block)
+            if block != RELEASED:
+                self._release(block)
         self.seq_tokens.pop(seq_id, None)
+
+    def release_before(self, seq_id, position) -> int:
+        """Release the blocks of seq_id that hold only positions before `position` (keys no
+        future query of a sliding-window model sees), keeping at least the last two blocks (a
+        block's hash chains on the block before it). They go back to the pool, or to the cached
+        free list if hashed (another request with that prefix may still map them). Returns
+        how many were released."""
+        table = self.block_tables[seq_id]
+        n = 0
+        for i in range(min(position // self.block_size, len(table) - 2)):
+            if table[i] != RELEASED:
+                self._release(table[i])
+                table[i] = RELEASED
+                n += 1
+        return n
 
     def forget_cached(self):
         """Drop the hashes of every unreferenced block: the pool starts cold (benchmarks, and
@@ -437,7 +465,7 @@ class KVCache:
     def padded_block_tables(self, seq_ids) -> list[list[int]]:
         """The block tables of the given sequences, padded with block 0 to the longest (at
         least one block; padding is never read: context_lens bounds every read)."""
-        tables = [self.block_tables[s] for s in seq_ids]
+        tables = [[0 if b == RELEASED else b for b in self.block_tables[s]] for s in seq_ids]
         width = max(1, max(len(t) for t in tables))
         return [t + [0] * (width - len(t)) for t in tables]
 
@@ -455,8 +483,11 @@ class KVCache:
         exactly the hashed unreferenced ones; every unwritten block is hashed; every table fits
         its sequence's length, and the hashed blocks of a sequence hold its tokens."""
         refs = [0] * self.n_blocks
-        for table in self.block_tables.values():
-            for b in table:
+        for s, table in self.block_tables.items():
+            held = [b for b in table if b != RELEASED]
+            assert table[len(table) - len(held):] == held, \
+                f"sequence {s} holds a block before one the sliding window released"
+            for b in held:
                 refs[b] += 1
         assert refs == self.ref_counts, "reference counts differ from block-table references"
         free, cached = list(self.free_blocks), list(self.cached_free)
@@ -493,6 +524,6 @@ class KVCache:
             assert extra == 0 or (extra == 1 and p == 1), \
                 f"sequence {s} has {len(table)} blocks for {len(seq)} tokens"
             for i, b in enumerate(table):
-                if self.block_hash[b] is not None and (i + 1) * p <= len(seq):
+                if b != RELEASED and self.block_hash[b] is not None and (i + 1) * p <= len(seq):
                     assert self.block_tokens[b] == tuple(seq[i * p:(i + 1) * p]), \
                         f"block {b} of sequence {s} holds other tokens"

@@ -541,7 +541,10 @@ class LLM:
                 raise ValueError(f"prompt ({len(ids)} tokens) plus max_new_tokens "
                                  f"({p.max_new_tokens}) is {n_total} tokens, beyond the "
                                  f"model's context of {self.cfg.max_seq_len}")
-            self.cache.check_fits(n_total)
+            # a model whose every layer slides holds about a window of blocks per sequence
+            self.cache.check_fits(min(n_total, self.cfg.window + 2 * self.cache.block_size +
+                                      self.max_batch_tokens) if self.cfg.all_layers_slide
+                                  else n_total)
             seed = p.seed if p.seed is not None else random.randrange(2 ** 62)
             samples = [Sequence(self._next_id + i, list(ids), len(ids), p,
                                 torch.Generator().manual_seed(seed + i),  # sample i: seed + i
@@ -593,14 +596,19 @@ class LLM:
     def step(self, sched, out, speculator=None):
         """One engine step: schedule, run, postprocess. Once every sequence decodes, a
         speculator may take the step instead (draft, verify in one pass, accept)."""
-        if speculator is not None and speculator.step(self, sched, out):
-            return
-        batch = sched.schedule()
-        logits = self.run(batch) if sched.cache is not None else \
-            run_dense(self.model, [b.seq for b in batch], self.cache)
-        taken = self.postprocess(sched, out, batch, logits)
-        if speculator is not None:
-            speculator.count_plain(taken)
+        if speculator is None or not speculator.step(self, sched, out):
+            batch = sched.schedule()
+            logits = self.run(batch) if sched.cache is not None else \
+                run_dense(self.model, [b.seq for b in batch], self.cache)
+            taken = self.postprocess(sched, out, batch, logits)
+            if speculator is not None:
+                speculator.count_plain(taken)
+        if self.cfg.all_layers_slide and sched.cache is not None:
+            # blocks whose keys every layer's window has left go back to the pool: the next
+            # query of a sequence sits at n_computed and sees positions > n_computed - window
+            for seq in sched.running:
+                if seq.id in self.cache.block_tables:
+                    self.cache.release_before(seq.id, seq.n_computed - self.cfg.window + 1)
 
     def run(self, batch, all_logits=False) -> torch.Tensor:
         """run_batch over this engine's model and cache."""

@@ -445,10 +445,11 @@ def gather_context(k_cache, v_cache, block_table, n_ctx, kv_scales=None, dtype=N
             for c, s in zip((k_cache, v_cache), kv_scales or (None, None))]
 
 
-def causal_attention_one(q, k, v, scale):
+def causal_attention_one(q, k, v, scale, window=0):
     """Attention of the last Tq positions of a sequence over all of its S keys.
     q (Tq, H, D), k/v (K, S, D) -> (Tq, H, D). Query i sits at position S - Tq + i and sees keys
-    0..S-Tq+i. SDPA accumulates in fp32 (fp64 for fp64 inputs)."""
+    0..S-Tq+i (the last `window` of them with a sliding window). SDPA accumulates in fp32
+    (fp64 for fp64 inputs)."""
     n_q, n_head, d = q.shape
     n_kv, n_ctx, _ = k.shape
     g = n_head // n_kv
@@ -457,16 +458,20 @@ def causal_attention_one(q, k, v, scale):
     # (enable_gqa=True would do the same but sends CPU SDPA down its slow math path.)
     kh = k.unsqueeze(1).expand(n_kv, g, n_ctx, d)                       # (K, G, S, D)
     vh = v.unsqueeze(1).expand(n_kv, g, n_ctx, d)
-    if n_q == n_ctx:  # no cached prefix: the plain causal diagonal
+    if n_q == n_ctx and not window:  # no cached prefix: the plain causal diagonal
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
-    else:  # a cached prefix shifts the diagonal by S - Tq
+    else:  # a cached prefix shifts the diagonal by S - Tq; a window bounds it from below
         q_pos = torch.arange(n_ctx - n_q, n_ctx, device=q.device).unsqueeze(1)  # (Tq, 1)
         k_pos = torch.arange(n_ctx, device=q.device).unsqueeze(0)              # (1, S)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=k_pos <= q_pos, scale=scale)
+        allowed = k_pos <= q_pos
+        if window:
+            allowed &= k_pos > q_pos - window
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=scale)
     return out.permute(2, 0, 1, 3).reshape(n_q, n_head, d)              # (K, G, Tq, D) -> ...
 
 
-def prefill_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None):
+def prefill_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None,
+                          window=0):
     """q (T, H, D) packed new queries -> (T, H, D). Each sequence attends over its paged context
     (cached prefix plus its new tokens, already stored), causally. In a mixed batch the
     sequences that decode (one new token) go through the batched decode path together."""
@@ -475,12 +480,13 @@ def prefill_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=
     decoding = meta.decode_subset
     if decoding is not None:
         rows, sub_meta = decoding
-        out[rows] = decode_attention_ref(q[rows], k_cache, v_cache, sub_meta, scale, kv_scales)
+        out[rows] = decode_attention_ref(q[rows], k_cache, v_cache, sub_meta, scale, kv_scales,
+                                         window)
     for b in range(len(cl)):
         if decoding is None or qs[b + 1] - qs[b] > 1:
             k, v = gather_context(k_cache, v_cache, meta.block_tables[b], cl[b], kv_scales,
                                   q.dtype)
-            out[qs[b]:qs[b + 1]] = causal_attention_one(q[qs[b]:qs[b + 1]], k, v, scale)
+            out[qs[b]:qs[b + 1]] = causal_attention_one(q[qs[b]:qs[b + 1]], k, v, scale, window)
     return out
 
 
@@ -576,16 +582,17 @@ def prefill_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scal
     return out
 
 
-def prefill_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None):
-    if use_triton(q):
+def prefill_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None, window=0):
+    if use_triton(q) and not window:  # (the Triton kernels know no sliding window yet)
         return prefill_attention_triton(q, k_cache, v_cache, meta, scale, kv_scales)
-    return prefill_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales)
+    return prefill_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales, window)
 
 
 # ------------------------------------------------------------------------------------------
 # decode attention: one new query per sequence, all sequences in one batched computation
 
-def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None):
+def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None,
+                         window=0):
     """q (B, H, D), one query per sequence at its last position -> (B, H, D). Gathers every
     sequence's blocks, padded to the longest context, and masks the padding. With one query
     position there is no causal mask, so the G query heads of a KV head are simply G rows."""
@@ -593,6 +600,10 @@ def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=N
     n_kv, _, block_size, _ = k_cache.shape
     blocks, valid = meta.decode_gather                                   # (B, n_used), (B, S)
     n_ctx = blocks.shape[1] * block_size
+    if window:  # only the last `window` keys of each sequence: its query is at ctx - 1
+        k_pos = torch.arange(n_ctx, device=q.device)
+        inside = k_pos[None, :] > meta.context_lens[:, None] - 1 - window
+        valid = inside if valid is None else valid & inside
     n_blocks = k_cache.shape[1]
     assert (meta.n_kv_head, meta.n_blocks, meta.block_size) == (n_kv, n_blocks, block_size), \
         "the metadata describes another pool"
@@ -720,16 +731,16 @@ def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
     return out
 
 
-def decode_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None):
-    if use_triton(q):
+def decode_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None, window=0):
+    if use_triton(q) and not window:
         return decode_attention_triton(q, k_cache, v_cache, meta, scale, kv_scales)
-    return decode_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales)
+    return decode_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales, window)
 
 
 # ------------------------------------------------------------------------------------------
 # attention without any cache: the uncached baseline, and the specification of them all
 
-def attention_spec(q, k, v):
+def attention_spec(q, k, v, window=0):
     """What every attention path here computes, written out as plainly as possible (the tests'
     oracle): softmax(Q K^T / sqrt(D) + causal mask) V over K/V repeated for each query head
     of their group, for the last Tq of S positions. q (Tq, H, D), k/v (S, K, D) -> (Tq, H, D)."""
@@ -740,18 +751,20 @@ def attention_spec(q, k, v):
     vr = v.repeat_interleave(g, dim=1).transpose(0, 1)           # (H, S, D)
     scores = q.transpose(0, 1) @ kr.transpose(1, 2) / d ** 0.5   # (H, Tq, S)
     allowed = torch.ones(n_q, n_ctx, dtype=torch.bool).tril(diagonal=n_ctx - n_q)
+    if window:  # a sliding window: only the last `window` keys up to each query
+        allowed &= ~torch.ones(n_q, n_ctx, dtype=torch.bool).tril(diagonal=n_ctx - n_q - window)
     scores = scores.masked_fill(~allowed, float("-inf"))
     return (scores.softmax(-1) @ vr).transpose(0, 1)             # (Tq, H, D)
 
 
-def dense_causal_attention(q, k, v, query_start, scale):
+def dense_causal_attention(q, k, v, query_start, scale, window=0):
     """Ragged causal attention of every packed sequence over its own new tokens only.
     q (T, H, D), k/v (T, K, D), query_start host list (B+1,) -> (T, H, D)."""
     out = torch.empty_like(q)
     for b in range(len(query_start) - 1):
         s, e = query_start[b], query_start[b + 1]
         out[s:e] = causal_attention_one(q[s:e], k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-                                        scale)
+                                        scale, window)
     return out
 
 
@@ -811,7 +824,8 @@ def invariant_plan(meta: AttnMeta, group: int, device):
     return plan
 
 
-def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None):
+def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None,
+                            window=0):
     """q (T, H, D) packed new queries over their paged contexts (already stored) -> (T, H, D),
     prefill, chunk or decode alike, each query's result the same bits wherever it is computed
     (see above)."""
@@ -850,8 +864,11 @@ def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
         # in fp32
         s = torch.bmm(qc, k.reshape(-1, W, d).transpose(1, 2)).to(acc) * scale
         s = s.view(n_kv, c1 - c0, n_tiles, R, W)
-        later = key_pos[None] > row_pos[c0:c1, None, :, None]              # (Cg, nT, R, W)
-        s = s.masked_fill(later[None], float("-inf"))
+        pos = row_pos[c0:c1, None, :, None]
+        hidden = key_pos[None] > pos                                       # (Cg, nT, R, W)
+        if window:  # and keys that left a sliding window
+            hidden |= key_pos[None] <= pos - window
+        s = s.masked_fill(hidden[None], float("-inf"))
         m = s.amax(-1)                                                     # (K, Cg, nT, R)
         p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m)[..., None])
         l_t = p.sum(-1)
@@ -868,9 +885,10 @@ def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
     return result.view(n_tok, n_head, d)
 
 
-def paged_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None):
+def paged_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None, window=0):
     """The model's one entry point: decode batches take the decode kernel, anything with more
-    than one new token per sequence (prefill, chunks, verification) the prefill kernel."""
+    than one new token per sequence (prefill, chunks, verification) the prefill kernel.
+    window: a sliding window (keys in (p - window, p]), 0 for none."""
     if meta.is_decode:
-        return decode_attention(q, k_cache, v_cache, meta, scale, kv_scales)
-    return prefill_attention(q, k_cache, v_cache, meta, scale, kv_scales)
+        return decode_attention(q, k_cache, v_cache, meta, scale, kv_scales, window)
+    return prefill_attention(q, k_cache, v_cache, meta, scale, kv_scales, window)

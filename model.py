@@ -89,7 +89,16 @@ class LlamaConfig:
     rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
     tie_embeddings: bool = False  # LM head shares the token embedding matrix
     qkv_bias: bool = False  # Qwen2 has biases on the Q, K and V projections
+    # sliding-window attention: a query at position p sees keys in (p - window, p] on the
+    # layers listed (Mistral: all; Qwen2: those its config says); 0: none
+    window: int = 0
+    sliding_layers: tuple = ()
     arch = "llama"
+
+    @property
+    def all_layers_slide(self) -> bool:
+        """Whether every layer slides: then blocks out of the window can be released."""
+        return bool(self.window) and len(self.sliding_layers) == self.n_layer
 
     def __post_init__(self):
         _check_positive(self, "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim",
@@ -117,6 +126,7 @@ class GPT2Config:
     n_hidden: int = 0       # F, MLP width; 0 means 4 * C
     arch = "gpt2"
     tie_embeddings = True   # GPT-2's LM head is always the token embedding
+    window, sliding_layers, all_layers_slide = 0, (), False  # no sliding window
 
     def __post_init__(self):
         _check_positive(self, "n_layer", "n_embd", "n_head", "vocab_size", "max_seq_len")
@@ -279,10 +289,12 @@ class Block(nn.Module):
 
     invariant = False  # set by Transformer.set_invariant
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, index=0):
         super().__init__()
         self.cfg = cfg
         llama = cfg.arch == "llama"
+        # keys this layer's queries see: the last `window` positions, or all (0)
+        self.window = cfg.window if llama and index in cfg.sliding_layers else 0
         c, h, k, d, f = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_hidden
         self.attn_norm = nn.ParameterDict({"weight": nn.Parameter(torch.empty(c))})
         self.mlp_norm = nn.ParameterDict({"weight": nn.Parameter(torch.empty(c))})
@@ -316,13 +328,14 @@ class Block(nn.Module):
         q, key = qk.split([n_head, n_kv], dim=1)                       # (T, H, D), (T, K, D)
         scale = 1.0 / math.sqrt(d)
         if kv_layer is None:  # uncached: attend over this call's tokens only
-            a = kernels.dense_causal_attention(q, key, val, meta.query_start_host, scale)
+            a = kernels.dense_causal_attention(q, key, val, meta.query_start_host, scale,
+                                               self.window)
         else:  # write this step's K/V into the pool, then read each sequence's whole context
             k_cache, v_cache, kv_scales = kv_layer  # (K, N, P, D) each; scales if quantized
             kernels.store_kv(key, val, k_cache, v_cache, meta, kv_scales)
             attend = kernels.invariant_attention_ref if self.invariant else \
                 kernels.paged_attention
-            a = attend(q, k_cache, v_cache, meta, scale, kv_scales)          # (T, H, D)
+            a = attend(q, k_cache, v_cache, meta, scale, kv_scales, self.window)  # (T, H, D)
         x = self.linear_residual(x, a.reshape(n_tok, n_head * d), self.out)  # (T, H D) -> (T, C)
         m = norm(cfg, self.mlp_norm, x)
         if cfg.arch == "llama":
@@ -350,7 +363,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.n_embd))
         if cfg.arch == "gpt2":
             self.pos_emb = nn.Embedding.from_pretrained(torch.empty(cfg.max_seq_len, cfg.n_embd))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = nn.ParameterDict({"weight": nn.Parameter(torch.empty(cfg.n_embd))})
         if cfg.arch == "gpt2":
             self.norm["bias"] = nn.Parameter(torch.empty(cfg.n_embd))
@@ -617,14 +630,14 @@ HF_READ = {
               "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
               "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_scaling",
               "rope_theta", "tie_word_embeddings", "sliding_window", "use_sliding_window",
-              "layer_types"},
+              "layer_types", "max_window_layers"},
 }
 HF_READ["mistral"] = HF_READ["qwen2"] = HF_READ["llama"]
 HF_IGNORED = {
     "gpt2": {"resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_type", "summary_use_proj",
              "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
              "reorder_and_upcast_attn"},  # (fp16 overflow care in HF's own attention)
-    "llama": {"attention_dropout", "pretraining_tp", "max_window_layers"},
+    "llama": {"attention_dropout", "pretraining_tp"},
     "all": {"initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
             "chunk_size_feed_forward", "output_attentions", "output_hidden_states",
             "return_dict", "problem_type", "id2label", "label2id", "architectures",
@@ -664,18 +677,24 @@ def _config_from_hf(c: dict, kind):
     kind_rope = rope.get("rope_type", rope.get("type", "default"))
     rope = {**rope, "rope_type": kind_rope} if set(rope) - {"rope_type", "type"} or \
         kind_rope != "default" else None  # (default with options: validated all the same)
-    max_len = c["max_position_embeddings"]
-    types = c.get("layer_types")  # Qwen2 writes which layers slide; otherwise the switch says
-    slides = "sliding_attention" in types if isinstance(types, list) else \
-        c.get("use_sliding_window", kind == "mistral")
-    if c.get("sliding_window") and slides:
-        max_len = min(max_len, c["sliding_window"])  # beyond the window we would differ
+    n_layer, window = c["num_hidden_layers"], c.get("sliding_window") or 0
+    types = c.get("layer_types")  # Qwen2 writes which layers slide, as transformers reads it
+    if isinstance(types, list):
+        sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    elif kind == "qwen2":  # (older files: the switch and the first layer that slides)
+        first = c.get("max_window_layers", n_layer)
+        sliding = tuple(range(first, n_layer)) if c.get("use_sliding_window") else ()
+    else:  # Mistral: every layer, whenever a window is given
+        sliding = tuple(range(n_layer)) if kind == "mistral" else ()
+    if not window or not sliding:
+        window, sliding = 0, ()
     n_head = c["num_attention_heads"]
     return LlamaConfig(
-        n_layer=c["num_hidden_layers"], n_embd=c["hidden_size"], n_head=n_head,
+        n_layer=n_layer, n_embd=c["hidden_size"], n_head=n_head,
         n_kv_head=c.get("num_key_value_heads") or n_head,
         head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
-        n_hidden=c["intermediate_size"], vocab_size=c["vocab_size"], max_seq_len=max_len,
+        n_hidden=c["intermediate_size"], vocab_size=c["vocab_size"],
+        max_seq_len=c["max_position_embeddings"], window=int(window), sliding_layers=sliding,
         norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=rope,
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         qkv_bias=kind == "qwen2")
@@ -957,8 +976,10 @@ def config_from_gguf(g: GGUFFile, path):
         v = g.get(f"{arch}.rope.scaling.{name}")
         if v is not None and v not in (neutral if isinstance(neutral, tuple) else (neutral,)):
             raise ValueError(f"{path}: {arch}.rope.scaling.{name}={v!r} is not supported")
+    n_layer = key("block_count")
+    window = key("attention.sliding_window", 0)  # every layer slides, as llama.cpp reads it
     return LlamaConfig(
-        n_layer=key("block_count"), n_embd=n_embd, n_head=n_head,
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head,
         n_kv_head=key("attention.head_count_kv", n_head),
         head_dim=key("attention.key_length", n_embd // max(n_head, 1)),
         n_hidden=key("feed_forward_length"),
@@ -967,7 +988,8 @@ def config_from_gguf(g: GGUFFile, path):
         norm_eps=key("attention.layer_norm_rms_epsilon", kind=float),
         rope_theta=key("rope.freq_base", 10000.0, float), rope_scaling=rope,
         tie_embeddings="output.weight" not in g.tensors,
-        qkv_bias="blk.0.attn_q.bias" in g.tensors)
+        qkv_bias="blk.0.attn_q.bias" in g.tensors,
+        window=window, sliding_layers=tuple(range(n_layer)) if window else ())
 
 
 def unpermute_rope_rows(w, n_head):

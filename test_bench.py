@@ -17,7 +17,7 @@ def test_bench_all_runs_on_a_tiny_model(tmp_path, capsys):
                        "--prefix", "40", "--requests", "6", "--in-min", "2", "--in-max", "20", "--out-min", "2",
                        "--out-max", "8",
                        "--budget-mib", "16", "--agree-new", "4", "--ppl-tokens", "60",
-                       "--spec-context", "16"]) == 0
+                       "--spec-context", "16", "--long-context", "2048", "--window", "256"]) == 0
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if ln.startswith("| ")]
     for dtype in ("bf16", "fp32"):
@@ -47,6 +47,10 @@ def test_bench_all_runs_on_a_tiny_model(tmp_path, capsys):
     assert mem["Llama-3-8B (GQA)", "int8"] == 2 * 32 * 8 * (128 + 4)
     assert mem["Llama-3-8B, as many KV heads as query heads", "fp16"] == \
         4 * mem["Llama-3-8B (GQA)", "fp16"]
+    # a sliding window: releasing blocks bounds a long generation by the window
+    peak = {r.split(" | ")[0][2:]: int(r.split(" | ")[1].replace(",", "")) for r in rows
+            if r.split(" | ")[0][2:] in ("on", "off")}
+    assert peak == {"off": 2048 // 16, "on": 256 // 16 + 1}
     # accuracy: the fp32 row is the baseline, the quantized rows report their difference
     acc = {r.split(" | ")[0][2:]: r for r in rows if r.split(" | ")[0][2:] in ("fp32", "int8", "fp8")}
     assert "+0.00%" in acc["fp32"] and " | 0.000 | 0.0000 | " in acc["fp32"] and len(acc) == 3

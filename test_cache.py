@@ -16,7 +16,7 @@ from hypothesis import event, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import cache as cache_mod
-from cache import (CacheFull, KVCache, blocks_for_budget, bytes_per_token, chain_hash,
+from cache import (RELEASED, CacheFull, KVCache, blocks_for_budget, bytes_per_token, chain_hash,
                    kv_storage_dtype, parse_budget)
 
 TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=12)  # a tiny alphabet: many hits
@@ -65,6 +65,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.start(data, tokens)
         self.fork(data)
         self.truncate(data)
+        self.slide(data)
         self.failed_pass(data, data.draw(A_FEW))
 
     def write(self, slots, seq):
@@ -201,7 +202,22 @@ class BlockManagerMachine(RuleBasedStateMachine):
         p = self.cache.block_size  # any count, or a block's worth or more (releases one)
         self.roll_back(sid, data.draw(st.integers(0, n) | st.integers(min(n, p), n)))
 
+    @rule(data=st.data())
+    def slide(self, data):
+        """A sliding window moved past the first keys of a sequence: its blocks holding only
+        positions before some point are released (the last two stay)."""
+        if (sid := self.pick(data)) is None:
+            return
+        n = len(self.model[sid])
+        if self.cache.release_before(sid, data.draw(st.just(n) | st.integers(0, n))):
+            self.reach("window released a block")
+
     def roll_back(self, sid, k):
+        released = self.cache.block_table(sid).count(RELEASED)
+        if released:  # never back into what the window released (truncate refuses that)
+            with pytest.raises(ValueError, match="left the sliding window"):
+                self.cache.truncate(sid, len(self.model[sid]) - released * self.cache.block_size)
+            k = min(k, len(self.model[sid]) - released * self.cache.block_size - 1)
         n_blocks = len(self.cache.block_table(sid))
         self.cache.truncate(sid, k)
         del self.model[sid][len(self.model[sid]) - k:]
@@ -224,10 +240,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
         p = c.block_size
         for s, tokens in self.model.items():
             table = c.block_table(s)
-            slots = [table[i // p] * p + i % p for i in range(len(tokens))]
+            held = [i for i in range(len(tokens)) if table[i // p] != RELEASED]
+            slots = [table[i // p] * p + i % p for i in held]
             k, v = expected_kv(tokens)
-            assert k_flat[slots].tolist() == k, f"sequence {s} reads keys that are not its own"
-            assert v_flat[slots].tolist() == v, f"sequence {s} reads values of another prefix"
+            assert k_flat[slots].tolist() == [k[i] for i in held], \
+                f"sequence {s} reads keys that are not its own"
+            assert v_flat[slots].tolist() == [v[i] for i in held], \
+                f"sequence {s} reads values of another prefix"
         assert c.n_free_blocks == sum(r == 0 for r in c.ref_counts)
 
     def teardown(self):

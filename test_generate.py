@@ -23,9 +23,11 @@ from hypothesis import given, settings, strategies as st
 
 from model import kernels
 from conftest import make_checkpoint, smollm2_path
+import cache as cache_mod
 import generate as gen_mod
 import model as model_mod
 from generate import LLM, SamplingParams, Scheduler, main
+from transformers import AutoModelForCausalLM
 
 HERE = Path(__file__).parent
 
@@ -175,6 +177,76 @@ def test_invariant_forks_equal_each_sample_alone(tiny_dir):
     alone = [llm.generate([[5, 6, 7, 8, 9]], SamplingParams(seed=11 + i, **p))[0]
              for i in range(3)]
     assert [f.token_ids for f in forks] == [a.token_ids for a in alone]
+
+
+# ------------------------------------------------------------------------------------------
+# sliding windows: the blocks a window left go back to the pool, the output stays transformers'
+
+@settings(max_examples=max(6, settings.default.max_examples // 2))
+@given(arch=st.sampled_from(["mistral", "qwen2"]), window=st.integers(3, 12),
+       prompts=st.lists(st.lists(st.integers(1, 290), min_size=1, max_size=30), min_size=1,
+                        max_size=4),
+       max_batch_tokens=st.integers(4, 64), spare=st.integers(0, 8),
+       speculative=st.booleans())
+def test_sliding_window_generation_matches_transformers(tiny_dir, arch, window, prompts,
+                                                        max_batch_tokens, spare, speculative):
+    """Greedy tokens of requests several windows long == transformers' generate, and every
+    step's logits == transformers' forward over the same tokens, with chunked prefill, a pool
+    that may preempt, prefix hits (the requests run twice) and speculative decoding; when
+    every layer slides (Mistral), a sequence never holds more than the window's blocks + 2,
+    and the blocks it released went back to the pool."""
+    extra = {"sliding_window": window} if arch == "mistral" else \
+        {"use_sliding_window": True, "sliding_window": window, "max_window_layers": 1}
+    path = tiny_dir(arch, **extra)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # generate on past EOS, as ignore_eos does
+    n_new, p = 30, 4
+    bound = -(-window // p) + 2
+    longest = max(len(q) for q in prompts) + n_new
+    need = bound + -(-max_batch_tokens // p) + 1 if arch == "mistral" else -(-longest // p)
+    llm = LLM(str(path), dtype="float32", block_size=p, n_blocks=need + spare,
+              max_batch_tokens=max_batch_tokens)
+    held = []
+
+    def check(seq_ids):
+        held.extend(sum(b != cache_mod.RELEASED for b in llm.cache.block_tables[s])
+                    for s in seq_ids if s in llm.cache.block_tables)
+    params = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
+    with pytest.MonkeyPatch.context() as mp:
+        seen = record_logits(mp)
+        step = LLM.step
+
+        def checked_step(self, sched, out, speculator=None):
+            step(self, sched, out, speculator)
+            check([s.id for s in sched.running])
+        mp.setattr(LLM, "step", checked_step)
+        want = [hf.generate(torch.tensor([q]), attention_mask=torch.ones(1, len(q), dtype=int),
+                            max_new_tokens=n_new, do_sample=False)[0, len(q):].tolist()
+                for q in prompts]
+        for _ in range(2):  # the second round maps what the first left cached
+            outs = llm.generate(prompts, params, speculative="ngram" if speculative else None)
+            assert [o.token_ids for o in outs] == want
+    for prefix, rows in list(seen.items())[-6:]:  # the longest: several windows in
+        torch.testing.assert_close(rows[0], hf(torch.tensor([list(prefix)])).logits[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+    if arch == "mistral":
+        assert max(held) <= bound, (max(held), bound)
+    llm.cache.check_invariants()
+    assert llm.cache.n_free_blocks == llm.cache.n_blocks
+
+
+def test_a_released_block_cannot_be_truncated_back_into(tiny_dir):
+    llm = LLM(str(tiny_dir("mistral", sliding_window=4)), dtype="float32", block_size=2)
+    c = llm.cache
+    c.append(0, list(range(20)))
+    assert c.release_before(0, 20 - 4 + 1) == 8 and c.block_tables[0][:8] == [cache_mod.RELEASED] * 8
+    c.check_invariants()
+    with pytest.raises(ValueError, match="has left the sliding window"):
+        c.truncate(0, 6)
+    c.truncate(0, 3)  # within the blocks still held
+    c.free(0)
+    c.check_invariants()
+    assert c.n_free_blocks == c.n_blocks
 
 
 def test_tight_pool_really_preempts(tiny_dir, monkeypatch):

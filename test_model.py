@@ -122,6 +122,34 @@ def test_invariant_linear_rows_do_not_depend_on_their_company(dtype):
         assert not company_free(centred, x, w), (n_in, n_out)
 
 
+@pytest.mark.parametrize("arch, config", [
+    ("mistral", {"sliding_window": 8}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0,
+               "layer_types": None})])  # an older config.json: no layer_types written
+def test_sliding_window_matches_transformers(tmp_path, arch, config):
+    """Mistral (every layer slides) and Qwen2 (the layers from max_window_layers on, as
+    transformers reads it): logits over a sequence several windows long, dense and paged; the
+    context limit is the positional one; without the window the logits would differ."""
+    hf = make_checkpoint(tmp_path, arch, **{k: v for k, v in config.items() if k != "layer_types"})
+    if "layer_types" in config:  # as a config.json written before transformers listed them
+        c = json.loads((tmp_path / "config.json").read_text())
+        del c["layer_types"]
+        (tmp_path / "config.json").write_text(json.dumps(c))
+    ours, _ = M.load(tmp_path)
+    n_layer = hf.config.num_hidden_layers
+    want_layers = tuple(range(config.get("max_window_layers", 0), n_layer))
+    assert (ours.cfg.window, ours.cfg.sliding_layers) == (config["sliding_window"], want_layers)
+    assert ours.cfg.max_seq_len == hf.config.max_position_embeddings
+    ids = [(7 * i) % 300 + 1 for i in range(40)]
+    want = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(our_logits(ours, ids), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(our_logits(ours, ids, paged=True), want, rtol=1e-4, atol=1e-4)
+    for block in ours.blocks:  # the negative control: the same weights, no window
+        block.window = 0
+    assert not torch.allclose(our_logits(ours, ids), want, atol=1e-3)
+
+
 @pytest.mark.parametrize("as_matrix", [True, False])
 def test_both_rope_forms_match_transformers(tmp_path, monkeypatch, as_matrix):
     """RoPE as (T, D, D) matrices (the CPU's form) and as cos/sin (a GPU's: no T x D x D
@@ -621,13 +649,17 @@ def test_a_damaged_gguf_is_one_value_error(gguf_llama, tmp_path):
     ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
                "beta_fast": 16.0, "beta_slow": 2.0}),
     ("qwen2", None), ("qwen2", {"rope_type": "yarn", "factor": 4.0,
-                                "original_max_position_embeddings": 32})])
+                                "original_max_position_embeddings": 32}), ("mistral", None)])
 def test_gguf_qwen2_and_yarn_match_transformers(tmp_path, arch, rope):
-    """GGUF architecture qwen2 (Q/K/V biases, rows as HF has them, tied embeddings) and
-    llama.cpp's YaRN keys, against transformers on the HF checkpoint written to that GGUF."""
+    """GGUF architecture qwen2 (Q/K/V biases, rows as HF has them, tied embeddings),
+    llama.cpp's YaRN keys and a sliding window (a Mistral written as architecture llama),
+    against transformers on the HF checkpoint written to that GGUF."""
+    extra = {"sliding_window": 8} if arch == "mistral" else {}
     hf = make_checkpoint(tmp_path, arch, rope_scaling=rope, max_position_embeddings=128,
-                         **{k: v for k, v in GGUF_LLAMA_TINY.items() if k != "rope_scaling"})
-    numbers = {}
+                         **{k: v for k, v in GGUF_LLAMA_TINY.items() if k != "rope_scaling"},
+                         **extra)
+    numbers = {"llama.attention.sliding_window": 8} if arch == "mistral" else {}
+    arch = "llama" if arch == "mistral" else arch
     if rope:
         numbers = {f"{arch}.rope.scaling.factor": rope["factor"],
                    f"{arch}.rope.scaling.original_context_length":
@@ -638,6 +670,7 @@ def test_gguf_qwen2_and_yarn_match_transformers(tmp_path, arch, rope):
                strings={f"{arch}.rope.scaling.type": "yarn"} if rope else {})
     ours, tok = M.load(tmp_path / "m.gguf")
     assert ours.cfg.qkv_bias == (arch == "qwen2") and ours.cfg.tie_embeddings == (arch == "qwen2")
+    assert ours.cfg.window == (8 if extra else 0)
     ids = (tok.encode(TRAIN_TEXT) * 2)[:128]
     torch.testing.assert_close(our_logits(ours, ids, paged=True), hf(torch.tensor([ids])).logits[0],
                                rtol=1e-4, atol=1e-4)
@@ -764,7 +797,7 @@ def test_every_config_field_is_read_refused_or_shown_not_to_matter(family):
 
 @pytest.mark.parametrize("config, match", [
     ([], r"holds \[\], not a JSON object"), (None, "holds null, not a JSON object"),
-    ({"model_type": "llama"}, "config.json: no 'max_position_embeddings'"),
+    ({"model_type": "llama"}, "config.json: no 'num_hidden_layers'"),
     ({"model_type": "gpt2", "n_layer": 2}, "config.json: no 'n_embd'"),
     ("drop intermediate_size", "config.json: no 'intermediate_size'"),
     ("null n_embd", "n_embd must be a positive integer, got None"),
