@@ -365,14 +365,15 @@ def store_kv(k, v, k_cache, v_cache, meta: AttnMeta, kv_scales=None):
 
 @jit
 def _attend_tile(q, acc, m_i, l_i, k_base, v_base, ks_base, vs_base, table_ptr, start, k_end,
-                 q_pos, qk_scale, s_cn, s_cp, s_sn, BLOCK_N: tl.constexpr,
+                 q_pos, window, qk_scale, s_cn, s_cp, s_sn, BLOCK_N: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
                  MASKED: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over the keys start..start+BLOCK_N of one sequence, one KV head.
     q (M, BLOCK_D) rows, acc (M, BLOCK_D) fp32 unnormalised output, m_i (M,) running max of
     the scores in log2 units, l_i (M,) running sum of exp2(score - m_i). Key j lives in block
-    table[j // P] at offset j % P. MASKED: keys at or past k_end, or after a row's own
-    position q_pos, are left out; tiles wholly below the causal diagonal skip the mask.
+    table[j // P] at offset j % P. MASKED: keys at or past k_end, after a row's own position
+    q_pos, or at or before q_pos - window (a sliding window; a huge window for none) are
+    left out; tiles wholly inside every row's keys skip the mask.
     QUANT: the cache holds int8 / fp8 values with one scale per key (ks_base, vs_base)."""
     kpos = start + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
@@ -395,7 +396,8 @@ def _attend_tile(q, acc, m_i, l_i, k_base, v_base, ks_base, vs_base, table_ptr, 
     else:
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
-        allowed = (kpos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        allowed = (kpos[None, :] <= q_pos[:, None]) & (kpos[None, :] > q_pos[:, None] - window) \
+            & k_ok[None, :]
         qk = tl.where(allowed, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
@@ -493,7 +495,7 @@ def prefill_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=
 @jit
 def _prefill_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, out_ptr, block_tables_ptr,
-        context_lens_ptr, query_start_ptr, qk_scale,
+        context_lens_ptr, query_start_ptr, qk_scale, window,
         s_qt, s_qh, s_ot, s_oh,  # strides of q and out (T, H, D)
         s_ch, s_cn, s_cp,        # strides of a cache (K, N, P, D)
         s_sh, s_sn,              # strides of the scales (K, N, P), quantized caches only
@@ -503,7 +505,8 @@ def _prefill_attention_kernel(
         BLOCK_D: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program (tile, b, kv_head): BLOCK_Q new queries of sequence b, for the G query heads of
     one KV head, over the sequence's paged context. Query i of n_q new ones sits at position
-    n_ctx - n_q + i (a cached prefix shifts the diagonal) and sees keys 0..its position."""
+    n_ctx - n_q + i (a cached prefix shifts the diagonal) and sees keys 0..its position, or
+    the last `window` of them (window: a sliding window, or one longer than any context)."""
     tile = tl.program_id(0)  # the axis without the 65,535 limit: a long prompt has many tiles
     b = tl.program_id(1)
     kv_head = tl.program_id(2).to(tl.int64)
@@ -520,6 +523,11 @@ def _prefill_attention_kernel(
         q_lo = n_ctx - n_q + tile * BLOCK_Q               # the tile's first query position
         k_hi = tl.minimum(q_lo + BLOCK_Q, n_ctx)          # one past the last key it sees
         n_full = (q_lo + 1) // BLOCK_N * BLOCK_N          # keys every row sees: no mask
+        # a sliding window: the first tile any row sees, and the first every row sees whole
+        k_start = tl.maximum(q_lo - window + 1, 0) // BLOCK_N * BLOCK_N
+        lo_full = tl.cdiv(tl.maximum(k_hi - window, 0), BLOCK_N) * BLOCK_N
+        u0 = tl.maximum(tl.minimum(lo_full, n_full), k_start)  # the unmasked tiles: [u0, u1)
+        u1 = tl.where(lo_full < n_full, n_full, u0)
         k_base = k_cache_ptr + kv_head * s_ch
         v_base = v_cache_ptr + kv_head * s_ch
         ks_base = k_scales_ptr + kv_head * s_sh
@@ -528,17 +536,23 @@ def _prefill_attention_kernel(
         m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
         acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], tl.float32)
-        for start in range(0, n_full, BLOCK_N):
+        for start in range(u0, u1, BLOCK_N):
             acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, ks_base, vs_base,
-                                         table, start, n_ctx, q_pos, qk_scale, s_cn, s_cp, s_sn,
-                                         BLOCK_N, BLOCK_SIZE, HEAD_D, BLOCK_D, False, QUANT,
-                                         DOT_PRECISION)
-        for start in range(n_full, k_hi, BLOCK_N):  # the tiles the diagonal crosses
+                                         table, start, n_ctx, q_pos, window, qk_scale, s_cn,
+                                         s_cp, s_sn, BLOCK_N, BLOCK_SIZE, HEAD_D, BLOCK_D, False,
+                                         QUANT, DOT_PRECISION)
+        # one masked loop for the tiles the window's edge crosses ([k_start, u0)) and those
+        # the diagonal crosses ([u1, k_hi)): one copy of the tile code, as many registers as
+        # without a window (a third loop spilled at D 128 over int8 on sm_80)
+        n_edge = (u0 - k_start) // BLOCK_N
+        for t in range(0, n_edge + tl.cdiv(k_hi - u1, BLOCK_N)):
+            start = tl.where(t < n_edge, k_start + t * BLOCK_N, u1 + (t - n_edge) * BLOCK_N)
             acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, ks_base, vs_base,
-                                         table, start, n_ctx, q_pos, qk_scale, s_cn, s_cp, s_sn,
-                                         BLOCK_N, BLOCK_SIZE, HEAD_D, BLOCK_D, True, QUANT,
-                                         DOT_PRECISION)
-        out = acc / l_i[:, None]
+                                         table, start, n_ctx, q_pos, window, qk_scale, s_cn,
+                                         s_cp, s_sn, BLOCK_N, BLOCK_SIZE, HEAD_D, BLOCK_D, True,
+                                         QUANT, DOT_PRECISION)
+        # (a padding row past the last query may see no key under a window: l = 0, not stored)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + ((q_start + i) * s_ot)[:, None] + (head * s_oh)[:, None] + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -553,8 +567,11 @@ def dot_width(d) -> int:
     return max(triton.next_power_of_2(d), 16)
 
 
+NO_WINDOW = 1 << 30  # what the kernels take for "no sliding window": longer than any context
+
+
 def prefill_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None,
-                             out=None, block_m=None, block_n=None):
+                             out=None, block_m=None, block_n=None, window=0):
     """Launcher: one program per (sequence, tile of queries, KV head); a tile packs about
     block_m rows (queries x padded GQA group); tiles and warps from attention_tiles unless
     given. out: where to write (tests pass a poisoned
@@ -573,7 +590,8 @@ def prefill_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scal
     grid = check_grid(triton.cdiv(max_q, block_q), len(qs) - 1, n_kv)
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, k_scales, v_scales, out, meta.block_tables, meta.context_lens,
-        meta.query_start, scale * math.log2(math.e), q.stride(0), q.stride(1), out.stride(0),
+        meta.query_start, scale * math.log2(math.e), window or NO_WINDOW, q.stride(0),
+        q.stride(1), out.stride(0),
         out.stride(1), *k_cache.stride()[:3], s_sh, s_sn, meta.block_tables.stride(0),
         GROUP=n_head // n_kv, GROUP_PAD=g_pad, BLOCK_Q=block_q, BLOCK_N=block_n,
         BLOCK_SIZE=block_size, HEAD_D=d, BLOCK_D=dot_width(d), QUANT=kv_scales is not None,
@@ -583,8 +601,9 @@ def prefill_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scal
 
 
 def prefill_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None, window=0):
-    if use_triton(q) and not window:  # (the Triton kernels know no sliding window yet)
-        return prefill_attention_triton(q, k_cache, v_cache, meta, scale, kv_scales)
+    if use_triton(q):
+        return prefill_attention_triton(q, k_cache, v_cache, meta, scale, kv_scales,
+                                        window=window)
     return prefill_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales, window)
 
 
@@ -630,12 +649,13 @@ def decode_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=N
 @jit
 def _decode_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, part_ptr, lse_ptr,
-        block_tables_ptr, context_lens_ptr, qk_scale, s_qb, s_qh, s_ch, s_cn, s_cp, s_sh, s_sn,
-        s_bt, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, N_SPLITS: tl.constexpr,
+        block_tables_ptr, context_lens_ptr, qk_scale, window, s_qb, s_qh, s_ch, s_cn, s_cp, s_sh,
+        s_sn, s_bt, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, N_SPLITS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_D: tl.constexpr,
         BLOCK_D: tl.constexpr, QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program (b, kv_head, split): the one query of sequence b, G query heads as the rows of
-    one tl.dot, over the split-th of N_SPLITS equal slices of its context (flash decoding).
+    one tl.dot, over the split-th of N_SPLITS equal slices of the keys it sees (its context,
+    or the last `window` of it) (flash decoding).
     Writes the slice's normalised output part (B, H, N_SPLITS, D) and its log-sum-exp (log2
     units) lse (B, H, N_SPLITS); an empty slice writes lse = -inf, which the merge ignores."""
     b = tl.program_id(0)
@@ -643,8 +663,9 @@ def _decode_attention_kernel(
     split = tl.program_id(2)
     n_ctx = tl.load(context_lens_ptr + b)
     # the slice length is a multiple of BLOCK_N, from this sequence's own length: no host sync
-    per_split = tl.cdiv(tl.cdiv(n_ctx, N_SPLITS), BLOCK_N) * BLOCK_N
-    k_lo = split * per_split
+    k_first = tl.maximum(n_ctx - window, 0) // BLOCK_N * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(n_ctx - k_first, N_SPLITS), BLOCK_N) * BLOCK_N
+    k_lo = k_first + split * per_split
     k_hi = tl.minimum(k_lo + per_split, n_ctx)
     i, head, row_ok = _query_rows(0, 1, kv_head, GROUP, GROUP_PAD, 1)
     d = tl.arange(0, BLOCK_D)
@@ -660,7 +681,8 @@ def _decode_attention_kernel(
                                      v_cache_ptr + kv_head * s_ch, k_scales_ptr + kv_head * s_sh,
                                      v_scales_ptr + kv_head * s_sh,
                                      block_tables_ptr + b.to(tl.int64) * s_bt, start, k_hi,
-                                     q_pos, qk_scale, s_cn, s_cp, s_sn, BLOCK_N, BLOCK_SIZE,
+                                     q_pos, window, qk_scale, s_cn, s_cp, s_sn, BLOCK_N,
+                                     BLOCK_SIZE,
                                      HEAD_D, BLOCK_D, True, QUANT, DOT_PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     row = (b * (GROUP * tl.num_programs(1)) + head) * N_SPLITS + split  # (b, head, split)
@@ -702,7 +724,7 @@ def decode_splits(n_seq, n_kv, max_ctx, n_sm, min_keys=256, max_splits=64) -> in
 
 
 def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None,
-                            out=None, n_splits=None, block_n=None):
+                            out=None, n_splits=None, block_n=None, window=0):
     """Launcher: split-K decode, then the merge. n_splits=None picks it from the batch."""
     k_scales, v_scales, s_sh, s_sn = check_cache(k_cache, v_cache, q, kv_scales)
     n_seq, n_head, d = q.shape
@@ -711,7 +733,8 @@ def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
     tiles = attention_tiles(q.dtype, d, kv_scales is not None, decode=True)
     block_n = block_n or tiles.keys
     if n_splits is None:
-        n_splits = decode_splits(n_seq, n_kv, max(meta.context_lens_host),
+        keys = max(meta.context_lens_host)
+        n_splits = decode_splits(n_seq, n_kv, min(keys, window) if window else keys,
                                  n_multiprocessors(q.device))
     part = torch.empty(n_seq, n_head, n_splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(n_seq, n_head, n_splits, dtype=torch.float32, device=q.device)
@@ -719,7 +742,8 @@ def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
     g_pad = group_pad(n_head // n_kv, 16)
     _decode_attention_kernel[check_grid(n_seq, n_kv, n_splits)](
         q, k_cache, v_cache, k_scales, v_scales, part, lse, meta.block_tables,
-        meta.context_lens, scale * math.log2(math.e), q.stride(0), q.stride(1),
+        meta.context_lens, scale * math.log2(math.e), window or NO_WINDOW, q.stride(0),
+        q.stride(1),
         *k_cache.stride()[:3], s_sh, s_sn, meta.block_tables.stride(0), GROUP=n_head // n_kv,
         GROUP_PAD=g_pad, N_SPLITS=n_splits, BLOCK_N=block_n, BLOCK_SIZE=block_size, HEAD_D=d,
         BLOCK_D=dot_width(d), QUANT=kv_scales is not None, DOT_PRECISION=dot_precision(q.dtype),
@@ -732,8 +756,9 @@ def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
 
 
 def decode_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None, window=0):
-    if use_triton(q) and not window:
-        return decode_attention_triton(q, k_cache, v_cache, meta, scale, kv_scales)
+    if use_triton(q):
+        return decode_attention_triton(q, k_cache, v_cache, meta, scale, kv_scales,
+                                       window=window)
     return decode_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales, window)
 
 

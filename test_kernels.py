@@ -208,10 +208,10 @@ tiles = st.fixed_dictionaries({"block_n": st.sampled_from([16, 32, 64]),
                                "block_m": st.sampled_from([16, 32, 64])})
 
 
-def kernel_inputs(case, dtype):
+def kernel_inputs(case, dtype, window=0):
     """The case of `build` in dtype on DEVICE, with every cache slot that belongs to no
     sequence's context set to NaN (a kernel that reads one poisons its output); plus the
-    float64 oracle of the rounded inputs."""
+    float64 oracle of the rounded inputs (with a sliding window, if given)."""
     k_cache, v_cache, ks, vs, qs, meta = build(*case)
     owned = torch.zeros(k_cache.shape[1:3], dtype=torch.bool)  # (N, P)
     for b, n_ctx in enumerate(meta.context_lens_host):
@@ -220,7 +220,7 @@ def kernel_inputs(case, dtype):
     k_cache[:, ~owned] = float("nan")
     v_cache[:, ~owned] = float("nan")
     rounded = [[t.to(dtype).double() for t in ts] for ts in (qs, ks, vs)]
-    want = torch.cat([kernels.attention_spec(q, k, v) for q, k, v in zip(*rounded)])
+    want = torch.cat([kernels.attention_spec(q, k, v, window) for q, k, v in zip(*rounded)])
     meta = dataclasses.replace(meta, **{f: getattr(meta, f).to(DEVICE) for f in
                                         ("slot_mapping", "block_tables", "context_lens",
                                          "query_start")})
@@ -228,10 +228,11 @@ def kernel_inputs(case, dtype):
     return to(torch.cat(qs)), to(k_cache), to(v_cache), meta, want
 
 
-def assert_kernel_matches(launch, case, dtype):
-    q, k_cache, v_cache, meta, want = kernel_inputs(case, dtype)
+def assert_kernel_matches(launch, case, dtype, window=0):
+    q, k_cache, v_cache, meta, want = kernel_inputs(case, dtype, window)
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-    launch(q, k_cache, v_cache, meta, q.shape[-1] ** -0.5, out=out)
+    launch(q, k_cache, v_cache, meta, q.shape[-1] ** -0.5, out=out,
+           **({"window": window} if window else {}))
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.cpu().double(), want, rtol=tol, atol=tol)
 
@@ -261,6 +262,25 @@ def test_triton_decode_attention_matches_reference(dtype, case, n_splits, block_
 
 @needs_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@settings(max_examples=max(25, settings.default.max_examples))
+@given(case=kernel_batches(), window=st.integers(1, MAX_CTX), decode=st.booleans(),
+       tile=tiles, n_splits=st.sampled_from([None, 1, 3]))
+def test_triton_sliding_window_matches_reference(dtype, case, window, decode, tile, n_splits):
+    """A sliding window (keys in (p - window, p]) of any width against the context and the
+    tiles: the window's edge inside a tile, on one, before the first; prefill tiles whose rows
+    start their windows in different tiles; decode split over the window's keys only."""
+    n_kv, group, d, block_size, ctx, new, seed = case
+    if decode:
+        launch = functools.partial(kernels.decode_attention_triton, n_splits=n_splits,
+                                   block_n=tile["block_n"])
+        case = (n_kv, group, d, block_size, ctx, [1] * len(ctx), seed)
+    else:
+        launch = functools.partial(kernels.prefill_attention_triton, **tile)
+    assert_kernel_matches(launch, case, kernel_dtype(dtype), window)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @given(n_tok=st.integers(1, 40), n_kv=st.integers(1, 5), d=st.sampled_from([16, 64, 80, 128]),
        block_size=st.sampled_from([1, 16, 32]), seed=st.integers(0, 2 ** 16))
 def test_triton_store_kv_writes_exactly_its_slots(dtype, n_tok, n_kv, d, block_size, seed):
@@ -283,13 +303,15 @@ def test_triton_store_kv_writes_exactly_its_slots(dtype, n_tok, n_kv, d, block_s
 
 
 @needs_triton
-@pytest.mark.parametrize("arch, kv_dtype", [("llama", None), ("gpt2", None), ("llama", "int8")])
+@pytest.mark.parametrize("arch, kv_dtype", [("llama", None), ("gpt2", None), ("llama", "int8"),
+                                            ("mistral", None)])
 def test_greedy_generation_triton_equals_reference(tiny_dir, monkeypatch, arch, kv_dtype):
     """The whole engine through the Triton kernels (prefill, a prefix hit, chunked prefill,
-    batched decode), with an exact or an int8 cache, gives the reference path's greedy
-    tokens."""
+    batched decode), with an exact or an int8 cache, and a sliding window of 12 whose blocks
+    are released (Mistral), gives the reference path's greedy tokens."""
     from generate import LLM, SamplingParams
-    llm = LLM(str(tiny_dir(arch)), device=DEVICE, dtype="float32", block_size=16,
+    extra = {"sliding_window": 12} if arch == "mistral" else {}
+    llm = LLM(str(tiny_dir(arch, **extra)), device=DEVICE, dtype="float32", block_size=16,
               max_batch_tokens=24, kv_dtype=kv_dtype)
     prompts = [list(range(3, 40)), list(range(3, 40)) + [7, 8], [5] * 17, [9, 10]]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
