@@ -735,7 +735,7 @@ def kernels_captured(n_sm=132):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
     names = ["_store_kv_kernel", "_prefill_attention_kernel", "_decode_attention_kernel",
-             "_merge_splits_kernel", "n_multiprocessors"]
+             "_merge_splits_kernel", "_invariant_attention_kernel", "n_multiprocessors"]
     saved = {name: getattr(kernels, name) for name in names}
     try:
         for name in names[:-1]:
@@ -750,7 +750,8 @@ def kernels_captured(n_sm=132):
 def captured_launches(n_head, n_kv, d, dtype, kv_dtype, block_size, n_sm):
     """The kernel launches the engine's launchers make for one layer of this shape, captured
     instead of run (on CPU tensors: only the host code runs): a two-sequence prefill (store,
-    attention) and a decode step of four sequences at a 4k context. [(kernel, args, kwargs)]"""
+    attention), a decode step of four sequences at a 4k context, and the invariant attention
+    of the prefill. [(kernel, args, kwargs)]"""
     from model import kernels
     with kernels_captured(n_sm) as calls:
         ctx = 4096
@@ -767,6 +768,7 @@ def captured_launches(n_head, n_kv, d, dtype, kv_dtype, block_size, n_sm):
         decode = kernels.AttnMeta.paged([ctx - 1] * 4, tables, [ctx] * 4, range(5),
                                         pool.pool_shape)
         kernels.decode_attention_triton(q[:4], k_cache, v_cache, decode, d ** -0.5, scales)
+        kernels.invariant_attention_triton(q, k_cache, v_cache, prefill, d ** -0.5, scales)
     return calls
 
 
@@ -826,7 +828,8 @@ def dot_instruction(compiled) -> str:
     return "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "fma"
 
 
-DOT_KERNELS = ("_prefill_attention_kernel", "_decode_attention_kernel")
+DOT_KERNELS = ("_prefill_attention_kernel", "_decode_attention_kernel",
+               "_invariant_attention_kernel")
 
 
 def compile_sweep(plan, log=print) -> list[dict]:
@@ -866,7 +869,7 @@ def compile_sweep(plan, log=print) -> list[dict]:
 
 def expected_instruction(r) -> str:
     """What a 16-bit tl.dot must become: wgmma for the prefill tiles on Hopper (64 query rows
-    and more), mma.sync elsewhere (decode tiles have 16 rows, below wgmma's 64)."""
+    and more), mma.sync elsewhere (decode and invariant tiles have 16 rows, below wgmma's 64)."""
     return "wgmma" if r["target"] == "sm_90" and r["kernel"].startswith("prefill") else "mma"
 
 

@@ -805,14 +805,31 @@ def dense_causal_attention(q, k, v, query_start, scale, window=0):
 #     padded with copies of its last row), one KV head per product;
 #   - keys go in tiles of TILE absolute positions (tile t holds positions tW .. tW + W - 1),
 #     so a key sits in the same tile in a prefill, a chunk or a decode step;
-#   - each (chunk, tile) product gives the tile's row max m_t, sum l_t and weighted values
-#     a_t (fp32, keys after the query's position masked); tiles merge as
+#   - each (chunk, tile) product (in bmm calls of a fixed batch count too) gives the tile's
+#     row max m_t, sum l_t and weighted values a_t (fp32, keys after the query's position
+#     masked); tiles merge as
 #     sum_t exp(m_t - M) (l_t, a_t) with M the max over tiles, summed by a binary tree over
 #     the absolute tile index. Tiles past a query (all masked) add exact zeros, and the tree
 #     pairs tiles by index, so the number of tiles a batch needs cannot change a query's sum.
 INVARIANT_TILE = 64
 INVARIANT_ROWS = 16
 INVARIANT_BYTES = 64 << 20  # fp32 K/V tiles gathered at once (chunks go in groups under it)
+
+
+INVARIANT_BATCH = 32  # products per bmm call: CPU bmm picks its kernel by the batch count too
+
+
+def fixed_bmm(a, b):
+    """torch.bmm(a, b), called on exactly INVARIANT_BATCH products at a time (the last call
+    padded with zeros): measured, fp16 bmm on this CPU gives other bits for the same product
+    in a batch of 2 than in one of 8; with one batch count it cannot."""
+    n = a.shape[0]
+    pad = -n % INVARIANT_BATCH
+    if pad:
+        a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])])
+        b = torch.cat([b, b.new_zeros(pad, *b.shape[1:])])
+    return torch.cat([torch.bmm(x, y) for x, y in zip(a.split(INVARIANT_BATCH),
+                                                      b.split(INVARIANT_BATCH))])[:n]
 
 
 def invariant_plan(meta: AttnMeta, group: int, device):
@@ -887,7 +904,7 @@ def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
         qc = qc.unsqueeze(2).expand(-1, -1, n_tiles, -1, -1).reshape(-1, R, d)
         # products in the model's dtype, accumulated in fp32 (as matmuls do); the softmax
         # in fp32
-        s = torch.bmm(qc, k.reshape(-1, W, d).transpose(1, 2)).to(acc) * scale
+        s = fixed_bmm(qc, k.reshape(-1, W, d).transpose(1, 2)).to(acc) * scale
         s = s.view(n_kv, c1 - c0, n_tiles, R, W)
         pos = row_pos[c0:c1, None, :, None]
         hidden = key_pos[None] > pos                                       # (Cg, nT, R, W)
@@ -897,7 +914,7 @@ def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
         m = s.amax(-1)                                                     # (K, Cg, nT, R)
         p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m)[..., None])
         l_t = p.sum(-1)
-        a_t = torch.bmm(p.view(-1, R, W).to(q.dtype), v.reshape(-1, W, d)).to(acc)
+        a_t = fixed_bmm(p.view(-1, R, W).to(q.dtype), v.reshape(-1, W, d)).to(acc)
         a_t = a_t.view(n_kv, c1 - c0, n_tiles, R, d)
         w = torch.exp(m - m.amax(2, keepdim=True))                         # 0 for masked tiles
         l_t, a_t = l_t * w, a_t * w[..., None]
@@ -908,6 +925,77 @@ def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
     result = torch.empty_like(q).view(n_tok, n_kv, group, d)
     result[row_token, :, row_head] = out.to(q.dtype)
     return result.view(n_tok, n_head, d)
+
+
+@jit
+def _invariant_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_scales_ptr, out_ptr, block_tables_ptr,
+        context_lens_ptr, row_token_ptr, row_head_ptr, row_pos_ptr, chunk_seq_ptr, qk_scale,
+        window, s_qt, s_qh, s_ot, s_oh, s_ch, s_cn, s_cp, s_sh, s_sn, s_bt,
+        GROUP: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Program (chunk, kv_head): the invariant attention's ROWS rows of one chunk (each a
+    (query, head of the KV group) of one sequence), over key tiles of TILE absolute positions
+    from the first (TILE fixed for a model, dtype and cache), every tile masked, merged by
+    the online softmax in tile order. Every row
+    goes through the same tl.dot shapes and the same tiles whatever the batch: a tile past a
+    row's position leaves its max, sum and accumulator exactly as they were."""
+    c = tl.program_id(0)
+    kv_head = tl.program_id(1).to(tl.int64)
+    r = tl.arange(0, ROWS)
+    tok = tl.load(row_token_ptr + c * ROWS + r)
+    head = kv_head * GROUP + tl.load(row_head_ptr + c * ROWS + r)
+    pos = tl.load(row_pos_ptr + c * ROWS + r)
+    b = tl.load(chunk_seq_ptr + c)
+    n_ctx = tl.load(context_lens_ptr + b)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = (d < HEAD_D)[None, :]
+    q = tl.load(q_ptr + (tok * s_qt)[:, None] + (head * s_qh)[:, None] + d[None, :], mask=d_ok,
+                other=0.0)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for t in range(0, tl.max(pos) // TILE + 1):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr + kv_head * s_ch,
+                                     v_cache_ptr + kv_head * s_ch, k_scales_ptr + kv_head * s_sh,
+                                     v_scales_ptr + kv_head * s_sh,
+                                     block_tables_ptr + b.to(tl.int64) * s_bt, t * TILE, n_ctx,
+                                     pos, window, qk_scale, s_cn, s_cp, s_sn, TILE, BLOCK_SIZE,
+                                     HEAD_D, BLOCK_D, True, QUANT, DOT_PRECISION)
+    tl.store(out_ptr + (tok * s_ot)[:, None] + (head * s_oh)[:, None] + d[None, :],
+             (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def invariant_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None,
+                               window=0, out=None):
+    """Launcher of the invariant attention: one program per (row chunk, KV head), the chunks
+    of invariant_plan. Its bits differ from the reference's (it merges tiles in order, the
+    reference by a tree), but, like it, not with the batch."""
+    k_scales, v_scales, s_sh, s_sn = check_cache(k_cache, v_cache, q, kv_scales)
+    n_tok, n_head, d = q.shape
+    n_kv, _, block_size, _ = k_cache.shape
+    assert q.stride(-1) == 1 and n_head % n_kv == 0 and k_cache.shape[-1] == d
+    row_token, row_head, row_pos, chunk_seq, *_ = invariant_plan(meta, n_head // n_kv, q.device)
+    out = torch.empty_like(q) if out is None else out
+    # the decode kernel's tiles (16 rows as here): fixed for a model, dtype and cache, which is
+    # all the invariance needs (the keys per tile need not be the reference's)
+    tiles = attention_tiles(q.dtype, d, kv_scales is not None, decode=True)
+    _invariant_attention_kernel[check_grid(len(chunk_seq), n_kv)](
+        q, k_cache, v_cache, k_scales, v_scales, out, meta.block_tables, meta.context_lens,
+        row_token, row_head, row_pos, chunk_seq, scale * math.log2(math.e), window or NO_WINDOW,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3], s_sh,
+        s_sn, meta.block_tables.stride(0), GROUP=n_head // n_kv, ROWS=INVARIANT_ROWS,
+        TILE=tiles.keys, BLOCK_SIZE=block_size, HEAD_D=d, BLOCK_D=dot_width(d),
+        QUANT=kv_scales is not None, DOT_PRECISION=dot_precision(q.dtype),
+        num_stages=tiles.stages, num_warps=tiles.warps, maxnreg=MAX_REGISTERS)
+    return out
+
+
+def invariant_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None, window=0):
+    if use_triton(q):
+        return invariant_attention_triton(q, k_cache, v_cache, meta, scale, kv_scales, window)
+    return invariant_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales, window)
 
 
 def paged_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None, window=0):

@@ -333,8 +333,7 @@ class Block(nn.Module):
         else:  # write this step's K/V into the pool, then read each sequence's whole context
             k_cache, v_cache, kv_scales = kv_layer  # (K, N, P, D) each; scales if quantized
             kernels.store_kv(key, val, k_cache, v_cache, meta, kv_scales)
-            attend = kernels.invariant_attention_ref if self.invariant else \
-                kernels.paged_attention
+            attend = kernels.invariant_attention if self.invariant else kernels.paged_attention
             a = attend(q, k_cache, v_cache, meta, scale, kv_scales, self.window)  # (T, H, D)
         x = self.linear_residual(x, a.reshape(n_tok, n_head * d), self.out)  # (T, H D) -> (T, C)
         m = norm(cfg, self.mlp_norm, x)

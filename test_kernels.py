@@ -98,21 +98,31 @@ def test_invariant_attention_bits_do_not_depend_on_the_batch(case, dtype):
     """Each query's output is the same bits computed in the whole batch, with its sequence
     alone, or one query at a time as decode steps (the context ending at the query): what
     makes cached == uncached == chunked == batched hold bitwise in invariant mode."""
+    check_invariant_bits(kernels.invariant_attention_ref, case, dtype, "cpu")
+
+
+def check_invariant_bits(attend, case, dtype, device, window=0):
+    """Each query's output from `attend` the same bits in the batch, with its sequence alone,
+    and one query at a time as decode steps."""
     k_cache, v_cache, _, _, qs, meta = build(*case)
-    k_cache, v_cache, qs = k_cache.to(dtype), v_cache.to(dtype), [q.to(dtype) for q in qs]
-    d, scale = qs[0].shape[-1], qs[0].shape[-1] ** -0.5
-    whole = kernels.invariant_attention_ref(torch.cat(qs), k_cache, v_cache, meta, scale)
+    k_cache, v_cache = k_cache.to(device, dtype), v_cache.to(device, dtype)
+    qs = [q.to(device, dtype) for q in qs]
+    scale = qs[0].shape[-1] ** -0.5
     tables = meta.block_tables.tolist()
     starts, ctx = meta.query_start_host, meta.context_lens_host
+    meta = kernels.AttnMeta.paged(meta.slot_mapping.tolist(), tables, ctx, starts,
+                                  k_cache.shape[:3], device)
+    whole = attend(torch.cat(qs), k_cache, v_cache, meta, scale, window=window)
     for b, q in enumerate(qs):
         n = len(q)
-        alone = kernels.AttnMeta.paged([0] * n, [tables[b]], [ctx[b]], [0, n], k_cache.shape[:3])
-        got = kernels.invariant_attention_ref(q, k_cache, v_cache, alone, scale)
+        alone = kernels.AttnMeta.paged([0] * n, [tables[b]], [ctx[b]], [0, n], k_cache.shape[:3],
+                                       device)
+        got = attend(q, k_cache, v_cache, alone, scale, window=window)
         assert torch.equal(got, whole[starts[b]:starts[b + 1]])
         for i in range(n):  # as a decode step
             step = kernels.AttnMeta.paged([0], [tables[b]], [ctx[b] - n + i + 1], [0, 1],
-                                          k_cache.shape[:3])
-            one = kernels.invariant_attention_ref(q[i:i + 1], k_cache, v_cache, step, scale)
+                                          k_cache.shape[:3], device)
+            one = attend(q[i:i + 1], k_cache, v_cache, step, scale, window=window)
             assert torch.equal(one, got[i:i + 1]), (b, i)
 
 
@@ -258,6 +268,19 @@ def test_triton_decode_attention_matches_reference(dtype, case, n_splits, block_
     launch = functools.partial(kernels.decode_attention_triton, n_splits=n_splits,
                                block_n=block_n)
     assert_kernel_matches(launch, decode_case, kernel_dtype(dtype))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@settings(max_examples=max(10, settings.default.max_examples // 2))
+@given(case=kernel_batches(), window=st.sampled_from([0, 1, 7, 40]))
+def test_triton_invariant_attention_matches_and_keeps_its_bits(dtype, case, window):
+    """The invariant attention's Triton kernel: within rounding of the dense oracle (over a
+    poisoned pool), and each query the same bits in a batch, alone or as a decode step."""
+    assert_kernel_matches(kernels.invariant_attention_triton, case, kernel_dtype(dtype), window)
+    n_kv, group, d, block_size, ctx, new, seed = case
+    short = (n_kv, group, d, block_size, ctx, [min(n, 6) for n in new], seed)
+    check_invariant_bits(kernels.invariant_attention_triton, short, dtype, DEVICE, window)
 
 
 @needs_triton
@@ -479,7 +502,8 @@ def test_every_kernel_compiles_for_gpus_ahead_of_time(tmp_path):
     seen = {(r["target"], r["kernel"], r["kv"]) for r in rows}
     for target in ("sm_80", "sm_90"):
         assert (target, "merge_splits_kernel", "auto") in seen  # one binary for every kv
-        for kernel in ("store_kv_kernel", "prefill_attention_kernel", "decode_attention_kernel"):
+        for kernel in ("store_kv_kernel", "prefill_attention_kernel", "decode_attention_kernel",
+                       "invariant_attention_kernel"):
             for kv in ("auto", "int8") + (("fp8",) if target == "sm_90" else ()):
                 assert (target, kernel, kv) in seen
     assert {r["instruction"] for r in rows if r["kernel"].startswith("prefill") and
