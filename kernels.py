@@ -978,15 +978,17 @@ def invariant_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_sc
     assert q.stride(-1) == 1 and n_head % n_kv == 0 and k_cache.shape[-1] == d
     row_token, row_head, row_pos, chunk_seq, *_ = invariant_plan(meta, n_head // n_kv, q.device)
     out = torch.empty_like(q) if out is None else out
-    # the decode kernel's tiles (16 rows as here): fixed for a model, dtype and cache, which is
-    # all the invariance needs (the keys per tile need not be the reference's)
+    # the decode kernel's tiles (16 rows as here), 32 keys at D 128 (64 spilled 16-40 B on
+    # sm_86 and sm_89): fixed for a model, dtype and cache, which is all the invariance needs
+    # (the keys per tile need not be the reference's)
     tiles = attention_tiles(q.dtype, d, kv_scales is not None, decode=True)
     _invariant_attention_kernel[check_grid(len(chunk_seq), n_kv)](
         q, k_cache, v_cache, k_scales, v_scales, out, meta.block_tables, meta.context_lens,
         row_token, row_head, row_pos, chunk_seq, scale * math.log2(math.e), window or NO_WINDOW,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3], s_sh,
         s_sn, meta.block_tables.stride(0), GROUP=n_head // n_kv, ROWS=INVARIANT_ROWS,
-        TILE=tiles.keys, BLOCK_SIZE=block_size, HEAD_D=d, BLOCK_D=dot_width(d),
+        TILE=tiles.keys if d <= 64 else min(tiles.keys, 32), BLOCK_SIZE=block_size, HEAD_D=d,
+        BLOCK_D=dot_width(d),
         QUANT=kv_scales is not None, DOT_PRECISION=dot_precision(q.dtype),
         num_stages=tiles.stages, num_warps=tiles.warps, maxnreg=MAX_REGISTERS)
     return out
