@@ -497,7 +497,7 @@ class LLM:
     free device memory (see cache.parse_budget and KVCache.from_budget). max_batch_tokens
     bounds the tokens computed in one step. invariant=True computes every token's logits
     with the same float operations whatever its batch, step or path (fixed-shape products, see
-    model.invariant_linear and kernels.invariant_attention_ref): cached == uncached == chunked
+    model.invariant_linear and kernels.invariant_attention): cached == uncached == chunked
     == batched == speculative, bit for bit in any dtype, at the cost the README measures."""
 
     def __init__(self, model=None, device="cpu", dtype=None, block_size=16, n_blocks=None,

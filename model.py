@@ -1006,6 +1006,7 @@ def load_gguf(path: Path, dtype, device):
     g = read_gguf(path)
     cfg = config_from_gguf(g, path)
     sd, freq_factors = {}, None
+    llama = g.get("general.architecture") == "llama"  # qwen2's converter keeps HF's Q/K rows
     for name, (kind, shape, _, _) in g.tensors.items():
         if kind not in GGUF_TYPES:
             raise ValueError(f"{path}: tensor {name} has unsupported type {kind} "
@@ -1018,7 +1019,6 @@ def load_gguf(path: Path, dtype, device):
         if ours is None:
             freq_factors = w
             continue
-        llama = g.get("general.architecture") == "llama"  # qwen2's converter keeps HF's rows
         if llama and name.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute_rope_rows(w, cfg.n_head)
         elif llama and name.endswith(("attn_k.weight", "attn_k.bias")):
@@ -1057,7 +1057,23 @@ GGUF_PRE_PATTERNS = {"smollm": DIGITS_PATTERN, "starcoder": DIGITS_PATTERN,
 STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
 
 
-class Tokenizer:
+class TokenizerBase:
+    """What the engine reads of any tokenizer besides encode/decode_bytes/decode: its special
+    tokens, BOS (and whether encode adds it), the ids that end a generation (eos_id: the one a
+    chat template writes), the chat template, and a streaming decoder."""
+
+    def set_specials(self, special: dict, bos_id, eos_ids, add_bos, chat_template):
+        self.special = dict(special)
+        self.bos_id, self.add_bos = bos_id, add_bos
+        self.eos_ids = set(eos_ids) | {special[t] for t in STOP_TOKENS if t in special}
+        self.eos_id = next(iter(eos_ids), None)
+        self.chat_template = chat_template or ""
+
+    def stream(self):
+        return StreamDecoder(self)
+
+
+class Tokenizer(TokenizerBase):
     """encode(str) -> ids, decode(ids) -> str. tiktoken ranks are BPE merge priorities, which
     need not equal the checkpoint's token ids, so both directions go through a map."""
 
@@ -1097,12 +1113,8 @@ class Tokenizer:
             self.rank_of_id[i] = n_ranks + j
         self.enc = tiktoken.Encoding("engine-bpe", pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=special_ranks)
-        self.special = dict(special)
         self.vocab_size = len(vocab)
-        self.bos_id, self.add_bos = bos_id, add_bos
-        self.eos_ids = set(eos_ids) | {special[t] for t in STOP_TOKENS if t in special}
-        self.eos_id = next(iter(eos_ids), None)  # the one a chat template writes
-        self.chat_template = chat_template or ""
+        self.set_specials(special, bos_id, eos_ids, add_bos, chat_template)
 
     def encode(self, text: str, add_bos=None) -> list[int]:
         ranks = self.enc.encode(text, allowed_special="all")  # "<|im_start|>" in text is special
@@ -1123,15 +1135,12 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def stream(self):
-        return StreamDecoder(self)
-
 
 class StreamDecoder:
     """Incremental detokenizer: feed token ids one at a time, get back text that ends on a
     whole character (a UTF-8 character split across tokens is held until it completes)."""
 
-    def __init__(self, tok: Tokenizer):
+    def __init__(self, tok: TokenizerBase):
         self.tok = tok
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -1157,7 +1166,7 @@ class StreamDecoder:
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(TokenizerBase):
     """encode(str) -> ids, decode(ids) -> str, the same interface as Tokenizer. decode gives
     the text as the tokenizer's own decoder does (the leading "▁" it added removed);
     decode_bytes and stream() give a continuation: each token's bytes, a space for every "▁"."""
@@ -1165,11 +1174,8 @@ class SentencePieceTokenizer:
     def __init__(self, tk, bos_id=None, eos_ids=(), add_bos=False, chat_template=""):
         self.tk = tk
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
-        self.special = {t.content: i for i, t in tk.get_added_tokens_decoder().items()}
-        self.bos_id, self.add_bos = bos_id, add_bos
-        self.eos_ids = set(eos_ids) | {self.special[t] for t in STOP_TOKENS if t in self.special}
-        self.eos_id = next(iter(eos_ids), None)  # the one a chat template writes
-        self.chat_template = chat_template or ""
+        self.set_specials({t.content: i for i, t in tk.get_added_tokens_decoder().items()},
+                          bos_id, eos_ids, add_bos, chat_template)
         self.piece_bytes = []  # token id -> the bytes it stands for in a continuation
         for i in range(self.vocab_size):
             piece = tk.id_to_token(i) or ""
@@ -1193,9 +1199,6 @@ class SentencePieceTokenizer:
 
     def decode(self, ids) -> str:
         return self.tk.decode(self.check(list(ids)), skip_special_tokens=False)
-
-    def stream(self):
-        return StreamDecoder(self)
 
 
 def spm_from_pieces(pieces, scores, kinds, add_space_prefix=True):
@@ -1290,14 +1293,13 @@ def pattern_from_tokenizer_json(pre) -> str:
     return GPT2_PATTERN
 
 
-class MissingTokenizer:
+class MissingTokenizer(TokenizerBase):
     """The tokenizer of a checkpoint without tokenizer files: prompts must be token ids, and
     the text of a completion is its token ids, each after a space."""
 
     def __init__(self, path, vocab_size, eos_ids=()):
-        self.path, self.vocab_size, self.eos_ids = path, vocab_size, set(eos_ids)
-        self.eos_id = next(iter(eos_ids), None)
-        self.bos_id, self.add_bos, self.special, self.chat_template = None, False, {}, ""
+        self.path, self.vocab_size = path, vocab_size
+        self.set_specials({}, None, eos_ids, False, "")
 
     def encode(self, text: str, add_bos=None) -> list[int]:
         raise ValueError(f"{self.path} has no tokenizer files (tokenizer.json, or vocab.json "
@@ -1309,8 +1311,12 @@ class MissingTokenizer:
     def decode(self, ids) -> str:
         return self.decode_bytes(ids).decode()
 
-    def stream(self):
-        return StreamDecoder(self)
+
+def token_id_of(x, lookup):
+    """The id of a tokenizer_config.json token entry (a string, or {"content": ...}), from
+    `lookup` (token text -> id); None if absent."""
+    x = x.get("content") if isinstance(x, dict) else x
+    return lookup(x) if isinstance(x, str) else None
 
 
 def is_byte_level(tj: dict) -> bool:
@@ -1360,8 +1366,7 @@ def tokenizer_from_hf_dir(path: Path):
             vocab[i] = t
 
     def token_id(x):
-        x = x.get("content") if isinstance(x, dict) else x
-        return special.get(x, token_ids.get(x)) if x is not None else None
+        return token_id_of(x, lambda t: special.get(t, token_ids.get(t)))
     if token_id(tc.get("eos_token")) is not None:
         eos = eos + [token_id(tc.get("eos_token"))]
     return Tokenizer(vocab, merges, special, pattern_from_tokenizer_json(tj.get("pre_tokenizer")),
@@ -1379,8 +1384,7 @@ def sentencepiece_from_hf(path, tj, tc, eos):
     vocab = tk.get_vocab(with_added_tokens=True)
 
     def token_id(x):
-        x = x.get("content") if isinstance(x, dict) else x
-        return vocab.get(x) if isinstance(x, str) else None
+        return token_id_of(x, vocab.get)
     bos = token_id(tc.get("bos_token"))
     post = json.dumps(tj.get("post_processor"))  # adds BOS itself when the file says nothing
     add_bos = tc.get("add_bos_token", bos is not None and

@@ -21,7 +21,8 @@ import torch
 import model as M
 from model import kernels
 from cache import KVCache
-from conftest import make_checkpoint, needs_smollm2, smollm2_path, TRAIN_TEXT
+from conftest import (TINY, TRAIN_TEXT, make_checkpoint, needs_smollm2, smollm2_path, train_bpe,
+                      train_sentencepiece, write_sentencepiece_tokenizer, write_tokenizer)
 
 TEXTS = ["Hello world", "12345 apples  and   3.14159\n\n\tTabs", "naïve café — 日本語 🎉 emoji",
          "<|im_start|>user\nHi there<|im_end|>\n", "   leading spaces and trailing   ",
@@ -289,7 +290,7 @@ def write_gguf(path, hf, qtype="F32", arch="llama", skip=(), extra=None, strings
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if tokenizer == "gpt2":
-        vocab, merges = __import__("conftest").train_bpe(TRAIN_TEXT, 40)
+        vocab, merges = train_bpe(TRAIN_TEXT, 40)
         vocab = vocab + ["<|endoftext|>"] + [f"<pad{i}>" for i in range(cfg.vocab_size - len(vocab) - 1)]
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("default")
@@ -298,7 +299,7 @@ def write_gguf(path, hf, qtype="F32", arch="llama", skip=(), extra=None, strings
         w.add_token_merges(merges)
         w.add_eos_token_id(296)
     elif tokenizer == "llama":  # SentencePiece: pieces, a score each (best merges first), types
-        pieces, _ = __import__("conftest").train_sentencepiece()
+        pieces, _ = train_sentencepiece()
         w.add_tokenizer_model("llama")
         w.add_token_list(pieces)
         w.add_token_scores([0.0] * 3 + [0.0] * 256 + [-float(i) for i in range(len(pieces) - 259)])
@@ -404,7 +405,7 @@ def test_sentencepiece_tokenizer_json_matches_transformers(tmp_path, layout):
     byte fallback for characters no piece holds, BOS added: token for token as transformers'
     tokenizer over the same file; decoded back to the text."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    __import__("conftest").write_sentencepiece_tokenizer(tmp_path, legacy=layout == "spm-legacy")
+    write_sentencepiece_tokenizer(tmp_path, legacy=layout == "spm-legacy")
     ours = M.tokenizer_from_hf_dir(tmp_path)
     assert isinstance(ours, M.SentencePieceTokenizer) and ours.add_bos and ours.bos_id == 1
     # transformers 5's LlamaTokenizer rebuilds a Metaspace pipeline whatever the file says; its
@@ -461,7 +462,7 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path):
     write_gguf(tmp_path / "m.gguf", hf, "F32", tokenizer="llama")
     model, ours = M.load(tmp_path / "m.gguf")
     assert isinstance(ours, M.SentencePieceTokenizer) and ours.eos_ids == {2}
-    pieces, _ = __import__("conftest").train_sentencepiece()
+    pieces, _ = train_sentencepiece()
     scores = M.read_gguf(tmp_path / "m.gguf").get("tokenizer.ggml.scores")
     check_tokenizer(ours, lambda t: spm_reference(pieces, scores, t))
     # transformers rebuilds a Metaspace pipeline, which adds no "▁" before a leading space or
@@ -504,14 +505,13 @@ def test_chat_templates_render_as_transformers_renders_them(tmp_path, family, te
     apply_chat_template; BOS once, whether the template writes it or not; a template that
     refuses a conversation is one ValueError."""
     from transformers import AutoTokenizer
-    conftest = __import__("conftest")
     if family == "chatml":
-        conftest.write_tokenizer(tmp_path)
+        write_tokenizer(tmp_path)
         cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
         (tmp_path / "tokenizer_config.json").write_text(json.dumps(
             {**cfg, "chat_template": template, "tokenizer_class": "GPT2Tokenizer"}))
     else:
-        conftest.write_sentencepiece_tokenizer(tmp_path, chat_template=template)
+        write_sentencepiece_tokenizer(tmp_path, chat_template=template)
     ours, theirs = M.tokenizer_from_hf_dir(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
     convs = [[{"role": "user", "content": "the quick fox"}],
              [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the dog"},
@@ -552,15 +552,11 @@ def test_a_checkpoint_without_tokenizer_runs_token_ids(tmp_path):
 def test_ids_the_tokenizer_lacks_do_not_end_the_run(tmp_path):
     """A model whose vocabulary is larger than its tokenizer's (padded embeddings) may sample
     an id the tokenizer cannot decode: it shows as U+FFFD, and the text so far is kept."""
-    tok = M.tokenizer_from_hf_dir(make_dir_with_tokenizer(tmp_path))
+    write_tokenizer(tmp_path)
+    tok = M.tokenizer_from_hf_dir(tmp_path)
     stream = tok.stream()
     text = "".join(stream.feed(i) for i in tok.encode("the fox") + [10**6, tok.encode("x")[0]])
     assert text == "the fox\ufffdx"
-
-
-def make_dir_with_tokenizer(path):
-    __import__("conftest").write_tokenizer(path)
-    return path
 
 
 def test_gguf_header_reads_as_the_gguf_package_reads_it(tmp_path):
@@ -776,7 +772,7 @@ def test_every_config_field_is_read_refused_or_shown_not_to_matter(family):
     fixed, ignored = M.HF_FIXED[family], M.HF_IGNORED[family] | M.HF_IGNORED["all"]
     assert fields <= M.HF_READ[family] | set(fixed) | ignored, \
         sorted(fields - M.HF_READ[family] - set(fixed) - ignored)
-    base = {**__import__("conftest").TINY["gpt2" if family == "gpt2" else "llama"],
+    base = {**TINY["gpt2" if family == "gpt2" else "llama"],
             "vocab_size": 64, "model_type": family}
     if family == "qwen2":
         base["sliding_window"] = 8
