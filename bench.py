@@ -34,6 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import model as model_mod
 from cache import QUANTIZED_DTYPES, KVCache
 from generate import LLM, SamplingParams, Scheduler
 from speculative import Speculator
@@ -75,37 +76,63 @@ def row(*cells):
 # engine vs transformers vs the floor
 
 def load_peer(path, dtype):
-    """The reference: transformers on the very checkpoint we run (GGUF file or HF dir)."""
-    from transformers import AutoModelForCausalLM
+    """The reference: transformers on the very checkpoint we run (GGUF file or HF dir), as a
+    dense model in dtype: transformers 5.25 keeps a GGUF's weights in their quantized blocks
+    (fp32 compute) unless asked to dequantize them, and the engine runs dense weights."""
+    from transformers import AutoModelForCausalLM, GgufConfig
     if path.endswith(".gguf"):
-        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                  gguf_file=os.path.basename(path), dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype,
+            quantization_config=GgufConfig(dequantize=True))
     else:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return hf.eval()
 
 
-def matvec_floor(model, dtype):
-    """One 'decode step' that is nothing but the model's weight matrix-vector products (every
-    nn.Linear, LM head included, in forward order): the memory-bandwidth limit of decode."""
-    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in mats}
+def isa() -> str:
+    """The CPU features that decide which matmul kernels run: AMX, AVX-512 BF16, AVX2."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "ISA unknown"
+    names = [("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
+             ("avx2", "AVX2")]
+    return ", ".join(n for f, n in names if f in flags) or "no AVX2"
 
-    def step():
-        for w in mats:
-            F.linear(xs[w.shape[1]], w)
-    return step
+
+def matvec_floors(model, dtype) -> dict:
+    """'Decode steps' that are nothing but the model's weight matrix-vector products (every
+    nn.Linear, LM head included, in forward order): the memory-bandwidth limit of decode, with
+    the weights as loaded (F.linear) and, where oneDNN has a bf16 path, reordered into its
+    blocked layout as the compiled step runs them (model.pack_weights)."""
+    lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {m.in_features: torch.randn(1, m.in_features, dtype=dtype) for m in lins}
+
+    def plain():
+        for m in lins:
+            F.linear(xs[m.in_features], m.weight)
+    floors = {"floor: weight matvecs alone": plain}
+    if all(model_mod.can_pack(m.weight) for m in lins):
+        model_mod.pack_weights(model)
+
+        def packed():
+            for m in lins:
+                model_mod.step_linear(xs[m.in_features], m)
+        floors["floor: the same, packed weights"] = packed
+    return floors
 
 
-def interleaved_rates(gens, floor_step, n_new, n_prefill, repeat):
+def interleaved_rates(gens, floors, n_new, n_prefill, repeat):
     """Decode and prefill tokens/s of every engine in `gens`, measured in interleaved rounds
-    (engine A, engine B, floor, engine A, ...) so that a slow spell of a shared machine hits
+    (engine A, engine B, floors, engine A, ...) so that a slow spell of a shared machine hits
     every row alike. The same method for every engine: decode tokens/s = (N - 1) / (T(N) -
     T(1)) from an 8-token prompt, T(n) the time to generate n tokens; prefill tokens/s =
-    n_prefill / T(1) with an n_prefill-token prompt. Medians over rounds."""
+    n_prefill / T(1) with an n_prefill-token prompt. Medians over rounds. floors: name ->
+    one bare step, timed 5 times a round (steps/s)."""
     times = {name: {"1": [], "n": [], "p": []} for name in gens}
-    floor = []
-    for gen in gens.values():  # warm-up
+    floor_times = {name: [] for name in floors}
+    for gen in gens.values():  # warm-up (and the compiled engine's compile)
         gen("short", 2)
     for _ in range(repeat):
         for name, gen in gens.items():
@@ -113,19 +140,20 @@ def interleaved_rates(gens, floor_step, n_new, n_prefill, repeat):
                 t = time.perf_counter()
                 gen(which, n)
                 times[name][key].append(time.perf_counter() - t)
-        for _ in range(5):
-            t = time.perf_counter()
-            floor_step()
-            floor.append(time.perf_counter() - t)
+        for name, step in floors.items():
+            for _ in range(5):
+                t = time.perf_counter()
+                step()
+                floor_times[name].append(time.perf_counter() - t)
     med = statistics.median
     rates = {name: ((n_new - 1) / (med(t["n"]) - med(t["1"])), n_prefill / med(t["p"]))
              for name, t in times.items()}
-    return rates, 1 / med(floor)
+    return rates, {name: 1 / med(t) for name, t in floor_times.items()}
 
 
 def bench_engine(args):
     g = torch.Generator().manual_seed(0)
-    print(f"\nDecode and prefill, batch 1, greedy. Machine: {machine()}\n")
+    print(f"\nDecode and prefill, batch 1, greedy. Machine: {machine()}; {isa()}\n")
     row("dtype", "engine", "decode tok/s", "prefill tok/s", "conditions")
     row(*["---"] * 5)
     for dname in args.dtypes:
@@ -133,37 +161,50 @@ def bench_engine(args):
 
 
 def bench_engine_dtype(args, dname, g):
-    """The rows of one dtype: engine, transformers and the floor in interleaved rounds."""
+    """The rows of one dtype: the engine eager and compiled, transformers and the floors, in
+    interleaved rounds."""
     from transformers import __version__ as hf_version
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dname]
-    llm = LLM(args.model, dtype=dtype)
+    engines = {"eager": LLM(args.model, dtype=dtype), "compiled": LLM(args.model, dtype=dtype,
+                                                                      compile=True)}
+    llm = engines["eager"]
     path = llm.model_path
     vocab = llm.cfg.vocab_size
     prompts = {"short": torch.randint(0, vocab, (8,), generator=g).tolist(),
                "long": torch.randint(0, vocab, (args.prefill,), generator=g).tolist()}
     hf = load_peer(path, dtype)
 
-    def ours(which, n):  # cold every time: forget the blocks the previous round cached
-        llm.cache.forget_cached()
-        llm.generate([prompts[which]], SamplingParams(max_new_tokens=n, ignore_eos=True))
+    def ours(llm):
+        def gen(which, n):  # cold every time: forget the blocks the previous round cached
+            llm.cache.forget_cached()
+            llm.generate([prompts[which]], SamplingParams(max_new_tokens=n, ignore_eos=True))
+        return gen
 
     def theirs(which, n):
         ids = torch.tensor([prompts[which]])
         with torch.inference_mode():
             hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                         min_new_tokens=n, do_sample=False, pad_token_id=0)
-    rates, floor = interleaved_rates({"ours": ours, "hf": theirs},
-                                     matvec_floor(llm.model, dtype), args.new, args.prefill,
-                                     args.repeat)
-    eng, ref = rates["ours"], rates["hf"]
+    gens = {name: ours(e) for name, e in engines.items() if e.compiled or name == "eager"}
+    rates, floors = interleaved_rates({**gens, "hf": theirs},
+                                      matvec_floors(llm.model, dtype), args.new, args.prefill,
+                                      args.repeat)
+    ref = rates["hf"]
     cond = f"prompt 8 / {args.prefill} tokens, {args.new} new, {args.repeat} rounds"
-    row(dname, "this engine (paged KV cache)", f"{eng[0]:.1f}", f"{eng[1]:.0f}", cond)
+    for name in gens:
+        eng = rates[name]
+        row(dname, f"this engine, {engines[name].decode_path} decode", f"{eng[0]:.1f}",
+            f"{eng[1]:.0f}", cond)
     row(dname, f"transformers {hf_version} generate", f"{ref[0]:.1f}", f"{ref[1]:.0f}",
-        cond + ", same GGUF weights")
-    row(dname, "floor: weight matvecs alone", f"{floor:.1f}", "", "every nn.Linear, 1 token")
-    row(dname, "ratio engine / transformers", f"{eng[0] / ref[0]:.2f}x",
-        f"{eng[1] / ref[1]:.2f}x", "same run")
-    row(dname, "ratio engine / floor", f"{eng[0] / floor:.0%}", "", "same run")
+        cond + ", same weights, dense")
+    for name, rate in floors.items():
+        row(dname, name, f"{rate:.1f}", "", "every nn.Linear, 1 token")
+    best = max(floors.values())
+    for name in gens:
+        eng = rates[name]
+        row(dname, f"ratio {name} / transformers", f"{eng[0] / ref[0]:.2f}x",
+            f"{eng[1] / ref[1]:.2f}x", "same run")
+        row(dname, f"ratio {name} / best floor", f"{eng[0] / best:.0%}", "", "same run")
 
 
 # ------------------------------------------------------------------------------------------
@@ -249,13 +290,21 @@ def bench_throughput(args):
     prompts = [torch.randint(0, llm.cfg.vocab_size, (k,), generator=g).tolist() for k in in_lens]
     params = [SamplingParams(max_new_tokens=k, ignore_eos=True) for k in out_lens]
     n_out = sum(out_lens)
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    ours = time.perf_counter() - t
-    assert sum(len(o.token_ids) for o in outs) == n_out
+    compiled = LLM(args.model, dtype=args.cache_dtype, compile=True)
+    ours = {}
+    for name, engine in (("eager", llm), ("compiled", compiled)):
+        if name == "compiled":  # compile the step's graphs first: the rate is the steady one
+            compiled.generate(prompts[:2], SamplingParams(max_new_tokens=2, ignore_eos=True))
+            compiled.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))
+            compiled.cache.forget_cached()
+        t = time.perf_counter()
+        outs = engine.generate(prompts, params)
+        ours[name] = time.perf_counter() - t
+        assert sum(len(o.token_ids) for o in outs) == n_out
+    paths = {name: e.decode_path for name, e in (("eager", llm), ("compiled", compiled))}
     path = llm.model_path
     dtype = llm.dtype
-    del llm
+    del llm, compiled
     hf = load_peer(path, dtype)
     width = max(in_lens)
     ids = torch.zeros(n, width, dtype=torch.long)
@@ -270,14 +319,16 @@ def bench_throughput(args):
     theirs = time.perf_counter() - t
     print(f"\nThroughput: {n} requests, prompt {args.in_min}-{args.in_max} and output "
           f"{args.out_min}-{args.out_max} random tokens, {args.cache_dtype}, ignore_eos. "
-          f"Machine: {machine()}\n")
+          f"Machine: {machine()}; {isa()}\n")
     row("engine", "seconds", "output tok/s", "conditions")
     row("---", "---", "---", "---")
-    row("this engine (continuous batching)", f"{ours:.1f}", f"{n_out / ours:.1f}",
-        f"{n_out} output tokens")
+    for name, secs in ours.items():
+        row(f"this engine (continuous batching), {paths[name]} decode", f"{secs:.1f}",
+            f"{n_out / secs:.1f}", f"{n_out} output tokens")
     row(f"transformers {__import__('transformers').__version__} batched generate",
-        f"{theirs:.1f}", f"{n_out / theirs:.1f}", "one padded batch, same requests")
-    row("ratio", "", f"{theirs / ours:.2f}x", "same run")
+        f"{theirs:.1f}", f"{n_out / theirs:.1f}", "one padded batch, same requests, dense")
+    for name, secs in ours.items():
+        row(f"ratio {name} / transformers", "", f"{theirs / secs:.2f}x", "same run")
 
 
 def bench_capacity(args):
@@ -527,6 +578,7 @@ def invariance_counts(llm, args, on) -> dict:
 # ------------------------------------------------------------------------------------------
 # load: a cold process until its first token
 
+COMPILED_LOADER = "this engine, compiled decode (2 tokens, warm compile cache)"
 LOAD_CHILD = {  # run by `python -c` in a fresh process; prints seconds since the parent's spawn
     "this engine": """
 import time, sys; T0 = float(sys.argv[2])
@@ -535,6 +587,18 @@ t_import = time.time() - T0
 llm = LLM(sys.argv[1], dtype="bfloat16", n_blocks=64)
 t_loaded = time.time() - T0
 llm.generate(["Once upon a time"], SamplingParams(max_new_tokens=1))
+print(t_import, t_loaded, time.time() - T0)
+""",
+    # the compiled decode step: its "first token" is the second, the first the compiled step
+    # makes, so that the time includes tracing it and loading its graph from inductor's cache
+    # (warmed by an untimed run first)
+    COMPILED_LOADER: """
+import time, sys; T0 = float(sys.argv[2])
+import torch; from generate import LLM, SamplingParams
+t_import = time.time() - T0
+llm = LLM(sys.argv[1], dtype="bfloat16", n_blocks=64, compile=True)
+t_loaded = time.time() - T0
+llm.generate(["Once upon a time"], SamplingParams(max_new_tokens=2, ignore_eos=True))
 print(t_import, t_loaded, time.time() - T0)
 """,
     "transformers": """
@@ -604,6 +668,9 @@ def bench_load(args):
         runs = [(p, kind, who) for p, kind in sources for who in LOAD_CHILD
                 if who != "gguf package (GGUFReader + numpy dequantize)" or kind == "GGUF"]
         times = {r: [] for r in runs}
+        for p, _, who in runs:
+            if who == COMPILED_LOADER:  # warm inductor's cache (a cold compile: minutes)
+                time_cold_process(who, p)
         for _ in range(args.repeat):
             for r in runs:
                 times[r].append(time_cold_process(r[2], r[0]))

@@ -23,6 +23,7 @@ import os
 import re
 import struct
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,6 +237,74 @@ def invariant_linear(x, weight, bias=None):
     return torch.cat([F.linear(c, weight, bias) for c in x.split(LINEAR_ROWS)])[:n]
 
 
+# ------------------------------------------------------------------------------------------
+# weights in the CPU's own layout (the compiled decode step)
+#
+# A decode step is ~120 matrix-vector products; oneDNN runs them faster with each weight
+# reordered once into its blocked layout (measured on this project's CPUs, bf16: a loop of the
+# embedded model's 121 products runs 52 tok/s plain, 76 reordered). Inductor does that reorder
+# itself when it "freezes" a module (torch._inductor.config.freezing, the public mechanism),
+# but a frozen graph is never written to inductor's on-disk cache (its constants may differ
+# between runs): every process would compile the step again (measured 37 s here). So the
+# engine reorders the weights itself with the private ops inductor uses
+# (torch.ops.mkldnn._reorder_linear_weight / _linear_pointwise) and calls them through an
+# operator of its own, `kvcache::packed_linear`, that a compiler traces as one opaque call: its
+# graph holds no weight, only the weight's number, so it is cached on disk like any other.
+# Where oneDNN's bf16 path is missing (CPUs without AVX-512, other dtypes, CUDA) nothing is
+# packed and the step uses F.linear.
+PACKED_WEIGHTS: list = []  # reordered weights, by number (a process-wide table)
+
+_ops = torch.library.Library("kvcache", "DEF")
+_ops.define("packed_linear(Tensor x, int weight, int n_out) -> Tensor")
+
+
+def _packed_linear(x, weight, n_out):
+    return torch.ops.mkldnn._linear_pointwise(x, PACKED_WEIGHTS[weight], None, "none", [], "")
+
+
+_ops.impl("packed_linear", _packed_linear, "CPU")
+torch.library.register_fake("kvcache::packed_linear")(
+    lambda x, weight, n_out: x.new_empty(x.shape[0], n_out))
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether oneDNN's reordered bf16 product runs here (a CPU with AVX-512 BF16 or AMX)."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack_weights(model) -> int:
+    """Give every nn.Linear of the model a reordered copy of its weight (lin.packed: its number
+    in PACKED_WEIGHTS), where can_pack; returns how many were packed. Idempotent. The copies
+    are dropped from the table when the model is garbage-collected."""
+    n, new = 0, []
+    for lin in model.modules():
+        if isinstance(lin, nn.Linear) and can_pack(lin.weight):
+            if getattr(lin, "packed", None) is None:
+                lin.packed = len(PACKED_WEIGHTS)
+                new.append(lin.packed)
+                PACKED_WEIGHTS.append(torch.ops.mkldnn._reorder_linear_weight(lin.weight, 1))
+            n += 1
+    if new:
+        weakref.finalize(model, _unpack, new)
+    return n
+
+
+def _unpack(numbers):
+    for i in numbers:
+        PACKED_WEIGHTS[i] = None
+
+
+def step_linear(x, lin):
+    """x @ lin.weight^T (+ bias) in the compiled decode step: the packed product where the
+    weight has one, else F.linear."""
+    if getattr(lin, "packed", None) is None:
+        return F.linear(x, lin.weight, lin.bias)
+    y = torch.ops.kvcache.packed_linear(x, lin.packed, lin.weight.shape[0])
+    return y if lin.bias is None else y + lin.bias
+
+
 def norm(cfg, p, x):
     """The family's normalisation with parameters p: RMSNorm (Llama) or LayerNorm (GPT-2)."""
     if cfg.arch == "llama":
@@ -316,10 +385,8 @@ class Block(nn.Module):
         cfg = self.cfg
         n_tok = x.shape[0]
         n_head, n_kv, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        # F.linear on the weights directly: nn.Module's call machinery costs ~2 us a call,
-        # which adds up over 4 matmuls x L layers of a decode step
-        linear = invariant_linear if self.invariant else F.linear
-        qkv = linear(norm(cfg, self.attn_norm, x), self.qkv.weight, self.qkv.bias)
+        step = isinstance(meta, kernels.DecodeBatch)  # the compiled decode step
+        qkv = self.linear(norm(cfg, self.attn_norm, x), self.qkv, step)
         qk, val = qkv.split([(n_head + n_kv) * d, n_kv * d], dim=-1)  # (T, (H+K) D), (T, K D)
         qk = qk.view(n_tok, n_head + n_kv, d)                          # (T, H+K, D)
         val = val.view(n_tok, n_kv, d)                                 # (T, K, D)
@@ -327,7 +394,9 @@ class Block(nn.Module):
             qk = apply_rope(qk, rope)
         q, key = qk.split([n_head, n_kv], dim=1)                       # (T, H, D), (T, K, D)
         scale = 1.0 / math.sqrt(d)
-        if kv_layer is None:  # uncached: attend over this call's tokens only
+        if step:  # kv_layer: (the whole pool as rows, this layer's index, slots per head)
+            a = kernels.decode_step_attention(q, key, val, *kv_layer, meta, scale, self.window)
+        elif kv_layer is None:  # uncached: attend over this call's tokens only
             a = kernels.dense_causal_attention(q, key, val, meta.query_start_host, scale,
                                                self.window)
         else:  # write this step's K/V into the pool, then read each sequence's whole context
@@ -335,22 +404,30 @@ class Block(nn.Module):
             kernels.store_kv(key, val, k_cache, v_cache, meta, kv_scales)
             attend = kernels.invariant_attention if self.invariant else kernels.paged_attention
             a = attend(q, k_cache, v_cache, meta, scale, kv_scales, self.window)  # (T, H, D)
-        x = self.linear_residual(x, a.reshape(n_tok, n_head * d), self.out)  # (T, H D) -> (T, C)
+        x = self.linear_residual(x, a.reshape(n_tok, n_head * d), self.out, step)  # (T, C)
         m = norm(cfg, self.mlp_norm, x)
         if cfg.arch == "llama":
-            gate, up = linear(m, self.gate_up.weight).chunk(2, dim=-1)     # (T, F) each
-            return self.linear_residual(x, F.silu(gate) * up, self.down)
-        hidden = F.gelu(linear(m, self.fc.weight, self.fc.bias), approximate="tanh")  # (T, F)
-        return self.linear_residual(x, hidden, self.proj)               # tanh GELU: "gelu_new"
+            gate, up = self.linear(m, self.gate_up, step).chunk(2, dim=-1)  # (T, F) each
+            return self.linear_residual(x, F.silu(gate) * up, self.down, step)
+        hidden = F.gelu(self.linear(m, self.fc, step), approximate="tanh")  # (T, F)
+        return self.linear_residual(x, hidden, self.proj, step)         # tanh GELU: "gelu_new"
 
-    def linear_residual(self, x, a, lin):
-        """x + a @ W^T (+ b): the residual add rides in the matmul (addmm) when unbiased.
-        weight_t is a transposed view made once at load (see Transformer.prepare)."""
+    def linear(self, x, lin, step=False):
+        """x @ W^T (+ b) by the product of the mode: fixed 16-row products (invariant), the
+        packed weights (the compiled decode step) or F.linear on the weights directly
+        (nn.Module's call machinery costs ~2 us a call: 4 matmuls x L layers a step)."""
         if self.invariant:
-            return x + invariant_linear(a, lin.weight, lin.bias)
-        if lin.bias is None:
+            return invariant_linear(x, lin.weight, lin.bias)
+        if step:
+            return step_linear(x, lin)
+        return F.linear(x, lin.weight, lin.bias)
+
+    def linear_residual(self, x, a, lin, step=False):
+        """x + a @ W^T (+ b): in eager mode the residual add rides in the matmul (addmm) when
+        unbiased. weight_t is a transposed view made once at load (see Transformer.prepare)."""
+        if lin.bias is None and not (self.invariant or step):
             return torch.addmm(x, a, lin.weight_t)
-        return x + F.linear(a, lin.weight, lin.bias)
+        return x + self.linear(a, lin, step)
 
 
 class Transformer(nn.Module):
@@ -407,23 +484,42 @@ class Transformer(nn.Module):
         """tokens, positions (T,): a packed ragged batch (see kernels.AttnMeta).
         kv: per layer (k_cache, v_cache, kv_scales) (KVCache.layers), each cache (K, N, P, D),
         or None to attend over this call's tokens only.
-        Returns fp32 logits (B, V) of each sequence's last token, or (T, V) if all_logits."""
+        Returns fp32 logits (B, V) of each sequence's last token, or (T, V) if all_logits.
+        The decode step passes a kernels.DecodeBatch as meta and kv = (the pool as rows,
+        slots per head) instead (see decode_step)."""
+        step = isinstance(meta, kernels.DecodeBatch)
         x = self.tok_emb(tokens)                                   # (T, C)
         if self.cfg.arch == "gpt2":
             x = x + self.pos_emb(positions)
         rope = None
         if self.cfg.arch == "llama" and self.invariant:
             rope = tuple(t[positions].to(x.dtype) for t in self.rope_table())
+        elif self.cfg.arch == "llama" and step:  # a compiler fuses cos/sin's ops: no matrices
+            rope = rope_rotation(positions, self.inv_freq, x.dtype, as_matrix=False,
+                                 scale=self.rope_scale)
         elif self.cfg.arch == "llama":
             rope = rope_rotation(positions, self.inv_freq, x.dtype, scale=self.rope_scale)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, meta, kv[i] if kv is not None else None)
-        if not all_logits:
+            x = block(x, rope, meta, (kv[0], i, kv[1]) if step else
+                      kv[i] if kv is not None else None)
+        if not (all_logits or step):
             x = x[meta.last_token_index]                           # (B, C): the LM head is
         x = norm(self.cfg, self.norm, x)                           # the costliest matmul
         if self.invariant:
             return invariant_linear(x, self.lm_head.weight).float()
-        return self.lm_head(x).float()                             # (B, V)
+        return (step_linear(x, self.lm_head) if step else self.lm_head(x)).float()  # (B, V)
+
+    def decode_step(self, tokens, positions, slots, key_slots, context_lens, pool):
+        """One decode step of B sequences (one new token each) as a single traceable function
+        of tensors: what generate.CompiledDecode compiles whole (embedding, every layer with
+        its K/V write and attention, LM head). pool: the KV cache as rows (KVCache.rows);
+        slots, key_slots, context_lens: a kernels.DecodeBatch's. Returns fp32 logits (B, V)."""
+        per_head = pool.shape[0] // (2 * self.cfg.n_layer * self.cfg.n_kv_head)
+        # forward without its inference_mode decorator: a traced graph may not enter inference
+        # mode (the caller runs the compiled step under no_grad)
+        return Transformer.forward.__wrapped__(
+            self, tokens, positions, kernels.DecodeBatch(slots, key_slots, context_lens),
+            (pool, per_head))
 
 
 # ------------------------------------------------------------------------------------------

@@ -20,14 +20,20 @@ def test_bench_all_runs_on_a_tiny_model(tmp_path, capsys):
                        "--spec-context", "16", "--long-context", "2048", "--window", "256"]) == 0
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if ln.startswith("| ")]
-    for dtype in ("bf16", "fp32"):
-        for name in ("this engine", "transformers", "floor", "engine / transformers",
-                     "engine / floor"):
+    for dtype in ("bf16", "fp32"):  # the compiled engine, the peer and the floors, same run
+        for name in ("this engine, eager decode", "this engine, compiled decode",
+                     "transformers", "floor: weight matvecs alone", "eager / transformers",
+                     "compiled / transformers", "compiled / best floor"):
             assert any(r.startswith(f"| {dtype} | ") and name in r for r in rows), (dtype, name)
+    packs = bench.model_mod.can_pack(torch.zeros(1, dtype=torch.bfloat16))
+    assert any(r.startswith("| bf16 | floor: the same, packed weights | ") for r in rows) == packs
     assert any(r.startswith("| 16 | ") and r.endswith("x |") for r in rows)
     assert any(r.startswith("| alone, warm caches | ") for r in rows)
     assert any(r.startswith("| cached / cold | ") for r in rows)
-    assert any(r.startswith("| this engine (continuous batching) | ") for r in rows)
+    for path in ("eager", "compiled"):
+        assert any(r.startswith(f"| this engine (continuous batching), {path} decode | ")
+                   for r in rows)
+        assert any(r.startswith(f"| ratio {path} / transformers | ") for r in rows)
     on = next(r for r in rows if r.startswith("| on (one system prompt) | "))
     off = next(r for r in rows if r.startswith("| off (every prompt unique) | "))
     assert int(on.split("|")[2]) > int(off.split("|")[2])  # sharing fits more sequences
@@ -77,6 +83,7 @@ def test_bench_load_times_cold_processes(tiny_dir, capsys):
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
     ours = next(r for r in rows if r.startswith("| safetensors dir | this engine | "))
     theirs = next(r for r in rows if r.startswith("| safetensors dir | transformers | "))
-    assert ours.endswith(" | 1.00x |") and theirs.endswith("x |")
+    compiled = next(r for r in rows if r.startswith(f"| safetensors dir | {bench.COMPILED_LOADER} | "))
+    assert ours.endswith(" | 1.00x |") and theirs.endswith("x |") and compiled.endswith("x |")
     imports, loaded, first = (float(c) for c in ours.split(" | ")[2:5])
     assert 0 < imports <= loaded <= first  # (two decimals: a tiny model loads at once)

@@ -997,3 +997,52 @@ def test_interactive_chat_through_a_terminal(tiny_dir):
         _, status = os.waitpid(pid, 0)
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+# ------------------------------------------------------------------------------------------
+# the compiled decode step (LLM(compile=True), --compile)
+
+@pytest.mark.parametrize("arch, config", [
+    ("gpt2", {}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1})])
+def test_compiled_decode_gives_the_eager_tokens(tiny_dir, arch, config, cli):
+    """compile=True in fp32: every request's tokens == the eager engine's, greedy and seeded
+    sampling, in a batch whose requests end at different steps (the graph for many sequences,
+    then the one for a single sequence), with windows that slide past the first blocks; then a
+    prefix-cache hit through the compiled step, and the CLI's --compile on the same graphs."""
+    path = str(tiny_dir(arch, **config))
+    prompts = [[5, 9, 2, 33, 7], [11, 4, 18], [3, 3, 40, 21, 9, 8, 1, 30, 6, 12]]
+    params = [SamplingParams(max_new_tokens=20, ignore_eos=True),
+              SamplingParams(max_new_tokens=6, ignore_eos=True),
+              SamplingParams(max_new_tokens=13, temperature=0.8, seed=3, ignore_eos=True)]
+    eager = LLM(path, dtype="float32", block_size=4)
+    compiled = LLM(path, dtype="float32", block_size=4, compile=True)
+    assert (eager.decode_path, compiled.decode_path) == ("eager", "compiled")
+    for run in range(2):  # the second: every prompt's full blocks hit the prefix cache
+        want = eager.generate(prompts, params)
+        got = compiled.generate(prompts, params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert all(o.n_cached_tokens > 0 for o in got[:1]) == (run == 1)
+        compiled.cache.check_invariants()
+    assert set(compiled.compiled.graphs) == {"1", "B>1"}
+    code, out, err = cli("--model", path, "--dtype", "float32", "--block-size", "4",
+                         "--compile", "--token-ids", "5 9 2 33 7", "--max-new-tokens", "20",
+                         "--ignore-eos")
+    assert code == 0, err
+    assert "compiling the decode step (batch of 1)" in err
+    assert "| compiled decode (first step of each graph: " in err
+
+
+def test_compile_gives_way_where_it_cannot_apply(engine, tiny_dir, cli):
+    """compile=True where the compiled step does not apply runs eager and says why (invariant
+    mode keeps its bitwise ladder on its own products; a quantized cache); the CLI says so."""
+    path = str(tiny_dir("llama"))
+    assert engine("llama").decode_path == "eager"
+    inv = LLM(path, dtype="bfloat16", compile=True, invariant=True)
+    assert inv.compiled is None and inv.decode_path.startswith("eager (invariant mode")
+    int8 = LLM(path, dtype="float32", compile=True, kv_dtype="int8")
+    assert int8.compiled is None and int8.decode_path == "eager (a quantized cache)"
+    code, _, err = cli("--model", path, "--compile", "--invariant", "--token-ids", "5 9 2",
+                       "--max-new-tokens", "3")
+    assert code == 0 and "note: decode runs eager (invariant mode" in err
+    assert "| eager (invariant mode keeps its own fixed-shape products) decode |" in err

@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as M
 from model import kernels
@@ -121,6 +122,68 @@ def test_invariant_linear_rows_do_not_depend_on_their_company(dtype):
         x = torch.randn(40, n_in, generator=g).to(dtype)
         assert company_free(M.invariant_linear, x, w), (n_in, n_out)
         assert not company_free(centred, x, w), (n_in, n_out)
+
+
+# ------------------------------------------------------------------------------------------
+# the decode step as one traceable function (compiled by generate.CompiledDecode)
+
+@pytest.mark.skipif(not M.can_pack(torch.zeros(1, dtype=torch.bfloat16)),
+                    reason="oneDNN has no bf16 path on this CPU: nothing is packed here")
+def test_packed_product_equals_f_linear():
+    """The packed weights give F.linear's product (to bf16 rounding) for every weight shape
+    of the supported architectures and 1, 3 or 64 rows; packing twice packs nothing new."""
+    g = torch.Generator().manual_seed(0)
+    for n_in, n_out in sorted(WEIGHT_SHAPES)[:12]:
+        lin = torch.nn.Linear(n_in, n_out, bias=False).to(torch.bfloat16)
+        lin.weight.data = torch.randn(n_out, n_in, generator=g).to(torch.bfloat16) / n_in ** .5
+        assert M.pack_weights(lin) == 1 and M.pack_weights(lin) == 1
+        number = lin.packed
+        M.pack_weights(lin)
+        assert lin.packed == number
+        for m in (1, 3, 64):
+            x = torch.randn(m, n_in, generator=g).to(torch.bfloat16)
+            want = F.linear(x.float(), lin.weight.float())
+            got = M.step_linear(x, lin).float()
+            assert torch.allclose(got, want, atol=0.05, rtol=0.02), (n_in, n_out, m)
+
+
+@pytest.mark.parametrize("arch, config, dtype", [
+    ("llama", {}, torch.float32), ("gpt2", {}, torch.float32), ("llama", {}, torch.bfloat16),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1},
+     torch.float32)])
+def test_decode_step_equals_the_eager_forward(tmp_path, arch, config, dtype):
+    """Transformer.decode_step (run eagerly here; generate's tests compile it) == forward with
+    the paged decode path: logits, and the K/V it writes into the pool, for a batch of
+    sequences of unequal contexts in scattered blocks (fp32 tightly; bf16 to its rounding,
+    with packed weights where this CPU has them)."""
+    make_checkpoint(tmp_path, arch, **config)
+    model, _ = M.load(tmp_path, dtype)
+    M.pack_weights(model)
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(1)
+    block = 4
+    contexts = [9, 3, 14]  # after this step's token
+    pools = [KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, 16, block, dtype)
+             for _ in range(2)]
+    tables = [[12, 3, 7], [5], [0, 9, 14, 1]]
+    pools[0].kv.normal_(generator=g)  # the cached prefix: random keys and values
+    pools[1].kv.copy_(pools[0].kv)
+    before = pools[0].kv.clone()
+    tokens = torch.randint(0, cfg.vocab_size, (3,), generator=g)
+    positions = torch.tensor([c - 1 for c in contexts])
+    slots = [t[(c - 1) // block] * block + (c - 1) % block for t, c in zip(tables, contexts)]
+    width = max(map(len, tables))
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    meta = kernels.AttnMeta.paged(slots, padded, contexts, [0, 1, 2, 3], pools[0].pool_shape)
+    want = model(tokens, positions, meta, pools[0].layers)
+    step = kernels.DecodeBatch.build(slots, padded, contexts, block)
+    with torch.no_grad():
+        got = model.decode_step(tokens, positions, step.slots, step.key_slots,
+                                step.context_lens, pools[1].rows)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.3, rtol=0.05)
+    assert torch.allclose(got, want, **tol), (got - want).abs().max()
+    assert torch.allclose(pools[1].kv.float(), pools[0].kv.float(), **tol)
+    assert not torch.equal(pools[1].kv, before)  # the step wrote its K/V
 
 
 @pytest.mark.parametrize("arch, config", [
