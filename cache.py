@@ -181,8 +181,8 @@ class KVCache:
         # every step; kv_scales is (k_scales, v_scales) for a quantized pool, else None
         self.layers = [(layer[0], layer[1], None if self.scales is None else
                         (self.scales[i, 0], self.scales[i, 1])) for i, layer in enumerate(self.kv)]
-        # the whole pool as rows of head_dim, (L 2 K N P, D): the compiled decode step's view
-        self.rows = self.kv.view(-1, head_dim)
+        # the whole pool as blocks, (L 2 K N, P, D): the compiled decode step's view
+        self.blocks = self.kv.view(-1, block_size, head_dim)
         self.bytes_per_token = bytes_per_token(n_layer, n_kv_head, head_dim, dtype)
         # per physical block
         self.ref_counts = [0] * n_blocks          # block-table references

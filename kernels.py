@@ -767,55 +767,53 @@ def decode_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None,
 #
 # AttnMeta's host tuples and cached properties are what eager code wants and what a compiler
 # cannot trace (every new context length would be a new graph). A DecodeBatch holds tensors
-# only, built on the host once per step; the pool is passed whole, as rows of D elements, so
-# that the step writes its K/V in place (a compiled in-place write into a *view* of the pool
-# copied the whole pool twice per layer: measured 2.3 s a step) and every index is computed
-# in the graph from the slots.
+# only, built on the host once per step; the pool is passed whole, as (L 2 K N, P, D) blocks,
+# so that the step writes its K/V into it in place (a compiled in-place write into a *view*
+# of the pool copied the whole pool twice per layer: measured 2.3 s a step) and every index
+# is computed in the graph from the block tables.
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """B sequences, one new token each, over a pool of n_layer x 2 x K heads x R slots.
-    slots (B,) int64: the new token's slot; key_slots (B, S) int64: the slot of each of the
-    first S positions of the sequence (past its context: any valid slot, masked);
-    context_lens (B,) int64: keys each sequence attends to, its new token's included."""
+    """B sequences, one new token each, over a pool of L x 2 x K heads x N blocks of P slots.
+    slots (B,) int64: the new token's slot (block * P + offset); block_tables (B, max_blocks)
+    int64, padded with any valid block (masked); context_lens (B,) int64: keys each sequence
+    attends to, its new token's included."""
     slots: torch.Tensor
-    key_slots: torch.Tensor
+    block_tables: torch.Tensor
     context_lens: torch.Tensor
 
     @classmethod
-    def build(cls, slots, block_tables, context_lens, block_size, device=None):
-        """From host lists: slots (B,), block_tables (B, blocks) padded alike (S = blocks x
-        block_size), context_lens (B,)."""
-        tables = torch.tensor(block_tables, dtype=torch.int64)
-        key_slots = (tables[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
-        return cls(*(t.to(device) for t in (torch.tensor(slots, dtype=torch.int64), key_slots,
-                                             torch.tensor(context_lens, dtype=torch.int64))))
+    def build(cls, slots, block_tables, context_lens, device=None):
+        """From host lists: slots (B,), block_tables (B, max_blocks), context_lens (B,)."""
+        return cls(*(torch.tensor(x, dtype=torch.int64).to(device)
+                     for x in (slots, block_tables, context_lens)))
 
 
-def decode_step_attention(q, k, v, pool, layer, slots_per_head, batch: DecodeBatch, scale,
+def decode_step_attention(q, k, v, pool, layer, blocks_per_head, batch: DecodeBatch, scale,
                           window=0):
-    """Write the step's k, v (B, K, D) into layer `layer` of pool, the whole cache as rows
-    (n_layer * 2 * K * slots_per_head, D), then attend each query q (B, H, D) over its
-    sequence's keys: (B, H, D). The same maths as decode_attention_ref (fp32 scores and
-    softmax, keys outside the context or the window masked), written as products and sums that
-    inductor fuses with the gather into loops, instead of two small matmuls per layer."""
+    """Write the step's k, v (B, K, D) into layer `layer` of pool, the whole cache as blocks
+    (L * 2 * K * N, P, D) with N = blocks_per_head, then attend each query q (B, H, D) over
+    its sequence's keys: (B, H, D). The same maths as decode_attention_ref (fp32 scores and
+    softmax, keys outside the context or the window masked). For one sequence, products and
+    sums that inductor fuses with the gather into loops, instead of two small matmuls."""
     n_seq, n_head, d = q.shape
-    n_kv = k.shape[1]
-    # row of (layer, K or V, head) slot 0, for the 2K (K or V, head) pairs of this layer
-    base = (torch.arange(2 * n_kv, device=q.device) + layer * 2 * n_kv) * slots_per_head
+    n_kv, block_size = k.shape[1], pool.shape[1]
+    # pool block of (layer, K or V, head) block 0, for the 2K (K or V, head) pairs
+    base = (torch.arange(2 * n_kv, device=q.device) + layer * 2 * n_kv) * blocks_per_head
     new = torch.stack([k, v]).transpose(1, 2).reshape(2 * n_kv * n_seq, d)    # (2, K, B) rows
-    pool.index_put_(((base[:, None] + batch.slots[None, :]).flatten(),), new)
-    rows = base[:, None, None] + batch.key_slots[None]                          # (2K, B, S)
-    keys, values = pool[rows.flatten()].view(2, n_kv, n_seq, -1, d)             # (K, B, S, D)
-    n_ctx = keys.shape[2]
-    pos = torch.arange(n_ctx, device=q.device)
+    at = base[:, None] + batch.slots[None, :] // block_size                    # (2K, B)
+    offset = (batch.slots % block_size).expand(2 * n_kv, n_seq)
+    pool.index_put_((at.flatten(), offset.flatten()), new)
+    blocks = base[:, None, None] + batch.block_tables[None]                    # (2K, B, n)
+    keys, values = pool[blocks].view(2, n_kv, n_seq, -1, d)                    # (K, B, S, D)
+    pos = torch.arange(keys.shape[2], device=q.device)
     ctx = batch.context_lens[:, None]
     valid = pos < ctx if not window else (pos < ctx) & (pos > ctx - 1 - window)   # (B, S)
     rows_q = q.view(n_seq, n_kv, n_head // n_kv, d).transpose(0, 1)            # (K, B, G, D)
-    if n_seq == 1:  # one sequence: products and sums that inductor fuses with the gather
+    if n_seq == 1:
         keys, values, rows_q = keys.float(), values.float(), rows_q.float()
         scores = (rows_q[:, :, :, None, :] * keys[:, :, None]).sum(-1)           # (K, B, G, S)
-    else:  # many: the fused loops would redo each key's load G times; matmuls tile it
+    else:  # many: fused loops would load each key G times; matmuls tile it
         scores = torch.matmul(rows_q, keys.transpose(-1, -2)).float()
     scores = (scores * scale).masked_fill(~valid[None, :, None, :], float("-inf"))
     probs = scores.softmax(-1)

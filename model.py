@@ -394,7 +394,7 @@ class Block(nn.Module):
             qk = apply_rope(qk, rope)
         q, key = qk.split([n_head, n_kv], dim=1)                       # (T, H, D), (T, K, D)
         scale = 1.0 / math.sqrt(d)
-        if step:  # kv_layer: (the whole pool as rows, this layer's index, slots per head)
+        if step:  # kv_layer: (the whole pool as blocks, this layer's index, blocks per head)
             a = kernels.decode_step_attention(q, key, val, *kv_layer, meta, scale, self.window)
         elif kv_layer is None:  # uncached: attend over this call's tokens only
             a = kernels.dense_causal_attention(q, key, val, meta.query_start_host, scale,
@@ -485,8 +485,8 @@ class Transformer(nn.Module):
         kv: per layer (k_cache, v_cache, kv_scales) (KVCache.layers), each cache (K, N, P, D),
         or None to attend over this call's tokens only.
         Returns fp32 logits (B, V) of each sequence's last token, or (T, V) if all_logits.
-        The decode step passes a kernels.DecodeBatch as meta and kv = (the pool as rows,
-        slots per head) instead (see decode_step)."""
+        The decode step passes a kernels.DecodeBatch as meta and kv = (the pool as blocks,
+        blocks per head) instead (see decode_step)."""
         step = isinstance(meta, kernels.DecodeBatch)
         x = self.tok_emb(tokens)                                   # (T, C)
         if self.cfg.arch == "gpt2":
@@ -509,16 +509,17 @@ class Transformer(nn.Module):
             return invariant_linear(x, self.lm_head.weight).float()
         return (step_linear(x, self.lm_head) if step else self.lm_head(x)).float()  # (B, V)
 
-    def decode_step(self, tokens, positions, slots, key_slots, context_lens, pool):
+    def decode_step(self, tokens, positions, slots, block_tables, context_lens, pool):
         """One decode step of B sequences (one new token each) as a single traceable function
         of tensors: what generate.CompiledDecode compiles whole (embedding, every layer with
-        its K/V write and attention, LM head). pool: the KV cache as rows (KVCache.rows);
-        slots, key_slots, context_lens: a kernels.DecodeBatch's. Returns fp32 logits (B, V)."""
+        its K/V write and attention, LM head). pool: the KV cache as blocks (KVCache.blocks);
+        slots, block_tables, context_lens: a kernels.DecodeBatch's. Returns fp32 logits
+        (B, V)."""
         per_head = pool.shape[0] // (2 * self.cfg.n_layer * self.cfg.n_kv_head)
         # forward without its inference_mode decorator: a traced graph may not enter inference
         # mode (the caller runs the compiled step under no_grad)
         return Transformer.forward.__wrapped__(
-            self, tokens, positions, kernels.DecodeBatch(slots, key_slots, context_lens),
+            self, tokens, positions, kernels.DecodeBatch(slots, block_tables, context_lens),
             (pool, per_head))
 
 
