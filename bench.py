@@ -683,6 +683,69 @@ def bench_load(args):
             "-" if med[2] != med[2] else f"{med[2]:.2f}", f"{med[1] / ours:.2f}x")
 
 
+PROMPT_CACHE_CHILD = """
+import json, sys, time; T0 = float(sys.argv[3])
+from generate import LLM, SamplingParams
+llm = LLM(sys.argv[1], dtype="bfloat16", prompt_cache=sys.argv[4])
+with open(sys.argv[2]) as f:
+    ids = json.load(f)
+o = llm.generate([ids], SamplingParams(max_new_tokens=1))[0]
+print(o.ttft_s, o.n_disk_tokens, o.n_prompt_tokens, time.time() - T0, llm.cache.bytes_per_token,
+      llm.cache.block_size)
+"""
+
+
+def bench_prompt_cache(args):
+    """A long system prompt plus a short question, each run in a fresh process: TTFT with the
+    prompt cache's disk tier cold (an empty directory) and warm (filled by an earlier run),
+    interleaved; and the bytes each cached token takes on disk against the pool's formula."""
+    import json
+    import tempfile
+    path = args.model or default_model()
+    here = os.path.dirname(os.path.abspath(__file__))
+    tok = LLM(path, n_blocks=1).tokenizer
+    with open(os.path.join(here, "declaration.txt"), encoding="utf-8") as f:
+        system = tok.encode(f.read())[:args.system_tokens]
+    ids = system + tok.encode(" Question: who wrote this, and when?", add_bos=False)
+    print(f"\n## prompt cache: a {len(system)}-token system prompt plus a question, TTFT in a "
+          f"fresh process, bf16 ({machine()})")
+    print(f"median of {args.repeat} interleaved runs; TTFT from generate() to the first token")
+
+    def child(prompt_file, cache_dir):
+        out = subprocess.run([sys.executable, "-c", PROMPT_CACHE_CHILD, path, prompt_file,
+                              repr(time.time()), cache_dir], cwd=here, capture_output=True,
+                             text=True, timeout=600)
+        if out.returncode:
+            raise ValueError(f"prompt-cache: a run failed: {out.stderr.strip().splitlines()[-1:]}")
+        return [float(x) for x in out.stdout.split()[-6:]]
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt_file = os.path.join(tmp, "prompt.json")
+        with open(prompt_file, "w") as f:
+            json.dump(ids, f)
+        warm_dir = os.path.join(tmp, "warm")
+        child(prompt_file, warm_dir)  # fills the warm directory
+        runs = {"cold (empty directory)": [], "warm (filled by an earlier process)": []}
+        for i in range(args.repeat):
+            runs["cold (empty directory)"].append(
+                child(prompt_file, os.path.join(tmp, f"cold{i}")))
+            runs["warm (filled by an earlier process)"].append(child(prompt_file, warm_dir))
+        files = [f for f in os.listdir(warm_dir) if f.endswith(".safetensors")]
+        on_disk = sum(os.path.getsize(os.path.join(warm_dir, f)) for f in files)
+    row("disk tier", "TTFT ms", "prompt tokens read from disk", "process start to first token s")
+    row(*["---"] * 4)
+    med = {name: [statistics.median(r[i] for r in rs) for i in range(4)]
+           for name, rs in runs.items()}
+    for name, (ttft, n_disk, n_prompt, total) in med.items():
+        row(name, f"{ttft * 1e3:.0f}", f"{n_disk:.0f} of {n_prompt:.0f}", f"{total:.2f}")
+    cold, warm = med.values()
+    row("warm / cold", f"{warm[0] / cold[0]:.0%}", "", f"{warm[3] / cold[3]:.0%}")
+    per_token, block_size = runs["cold (empty directory)"][0][4:6]
+    print(f"\nOn disk: {len(files)} block files, {on_disk:,} bytes, "
+          f"{on_disk / (len(files) * block_size):,.0f} bytes per token; the pool's formula "
+          f"2 * n_layer * n_kv_head * head_dim * bytes gives {per_token:,.0f} (the rest: each "
+          f"file's header, token ids and metadata)")
+
+
 def bench_accuracy(args):
     """An fp32 model with an fp32 cache against the same model with an int8 and an fp8
     cache: perplexity of a fixed public-domain text (declaration.txt, the Declaration of
@@ -1161,7 +1224,8 @@ def main(argv=None):
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("what", choices=["engine", "cache", "overhead", "prefix", "throughput",
                                      "capacity", "speculative", "kernels", "memory",
-                                     "accuracy", "load", "invariant", "all"])
+                                     "accuracy", "load", "invariant", "prompt-cache",
+                                     "all"])
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded)")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--new", type=int, default=64, help="generated tokens for decode rates")
@@ -1203,19 +1267,21 @@ def main(argv=None):
                     help="greedy tokens compared per prompt (accuracy)")
     ap.add_argument("--ppl-tokens", type=int, default=0,
                     help="score only the first N tokens of the text, 0 for all (accuracy)")
+    ap.add_argument("--system-tokens", type=int, default=2000,
+                    help="system prompt tokens (prompt-cache)")
     args = ap.parse_args(argv)
     sections = {"engine": bench_engine, "overhead": bench_overhead, "prefix": bench_prefix,
                 "capacity": bench_capacity, "throughput": bench_throughput, "cache": bench_cache,
                 "speculative": bench_speculative, "kernels": bench_kernels,
                 "memory": bench_memory, "accuracy": bench_accuracy, "load": bench_load,
-                "invariant": bench_invariant}
+                "invariant": bench_invariant, "prompt-cache": bench_prompt_cache}
     try:
         for name, run in sections.items():  # `all` runs them in this order
             if name == "kernels" and args.what == "all" and not torch.cuda.is_available():
                 print("\nkernels: skipped, no CUDA GPU here")
                 continue
-            if name == "load" and args.what == "all":
-                print("\nload: cold processes, run by name (python bench.py load)")
+            if name in ("load", "prompt-cache") and args.what == "all":
+                print(f"\n{name}: cold processes, run by name (python bench.py {name})")
                 continue
             if args.what in (name, "all"):
                 run(args)

@@ -26,12 +26,19 @@ raises before changing anything; `check_invariants()` asserts the bookkeeping.
 
 Tests: `pytest test_cache.py`.
 """
+import hashlib
 import math
 import os
 import re
+import struct
+import time
+import uuid
 from collections import OrderedDict, deque
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
 
 
 class CacheFull(RuntimeError):
@@ -87,6 +94,16 @@ BUDGET_FORMS = ("give bytes with a unit (2GiB, 512MiB, 1.5GB), a whole number of
                 "least 1 MiB (1048576), or a fraction of free memory in (0, 1] (0.5)")
 
 
+def parse_size(size, what="size") -> int:
+    """Bytes from a size with a unit ('1GiB', '512 MiB') or a whole number of bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+    if not m or m.group(2).lower() not in UNITS or int(float(m.group(1)) *
+                                                      UNITS[m.group(2).lower()]) <= 0:
+        raise ValueError(f"{what} {size!r}: give bytes with a unit (1GiB, 512MiB) or a whole "
+                         f"number of bytes")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
 def parse_budget(budget, device="cpu") -> int:
     """A memory budget in bytes from: a size with a unit, '2GiB', '512 MiB', '1.5GB'; a bare
     whole number of at least 1 MiB (bytes: a smaller one is more likely a slip than a budget);
@@ -119,6 +136,131 @@ def chain_hash(parent_hash, tokens) -> int:
     so it names the whole prefix. Python's hash of a tuple of ints is the same in every process
     (hash(None) is not before Python 3.12, hence the 0)."""
     return hash((0 if parent_hash is None else parent_hash, tuple(tokens)))
+
+
+# ------------------------------------------------------------------------------------------
+# the disk tier: prompt caching that outlives the process
+#
+# A full block's K/V is a file named by its key, a SHA-256 chain over its whole prefix,
+#     key = sha256(salt, parent key, the block's token ids)
+# salted with everything that changes what a block holds (the model, dtype, KV storage dtype,
+# block size, RoPE settings: see LLM), so that another setup never hits, and the same in every
+# process (Python's hash() is salted per process). One safetensors file per block: the block's
+# K/V of every layer together (L, 2, K, P, D), its token ids, and in its metadata the salt, the
+# key and a SHA-256 of the K/V bytes. Written under a temporary name and renamed, so a reader
+# never sees half a file; on read, a file that fails to parse, or whose salt, key, tokens,
+# shape or checksum disagree, is removed and counts as a miss. Least recently used files
+# (by modification time, touched on every hit) go first when the directory is over budget.
+
+DISK_FORMAT = "1"
+
+
+def block_key(salt: bytes, parent: bytes | None, tokens) -> bytes:
+    """The disk key of a full block: its parent's key (None for a first block) and its tokens."""
+    h = hashlib.sha256(salt)
+    h.update(parent or bytes(32))
+    h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    return h.digest()
+
+
+def kv_digest(tensors) -> str:
+    """SHA-256 of the bytes of the given tensors, in order."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+class DiskTier:
+    """A directory of K/V blocks under a size budget, shared by any number of processes."""
+
+    STALE_TMP_S = 600  # a temporary file this old belongs to a writer that died
+
+    def __init__(self, path, budget_bytes: int, salt: bytes):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"prompt cache {path}: cannot create the directory ({e})") from None
+        if not os.access(self.path, os.W_OK):
+            raise ValueError(f"prompt cache {path}: the directory is not writable")
+        self.budget, self.salt = budget_bytes, salt
+        self.n_rejected = 0  # files found damaged or foreign, and removed
+
+    def file(self, key: bytes) -> Path:
+        return self.path / f"{key.hex()}.safetensors"
+
+    def load(self, key: bytes, tokens, shape, dtype):
+        """(kv, scales or None) of the block with this key and tokens, or None."""
+        f = self.file(key)
+        try:
+            with safe_open(f, "pt") as st:
+                meta = st.metadata() or {}
+                tensors = {name: st.get_tensor(name) for name in st.keys()}
+        except FileNotFoundError:
+            return None
+        except (SafetensorError, OSError, ValueError, RuntimeError):
+            return self.reject(f)
+        kv, scales, toks = tensors.get("kv"), tensors.get("scales"), tensors.get("tokens")
+        ok = (meta.get("format") == DISK_FORMAT and meta.get("salt") == self.salt.hex()
+              and meta.get("key") == key.hex() and kv is not None and toks is not None
+              and tuple(kv.shape) == tuple(shape) and kv.dtype == dtype
+              and toks.tolist() == list(tokens)
+              and meta.get("sha256") == kv_digest([kv] + ([scales] if scales is not None else [])))
+        if not ok:
+            return self.reject(f)
+        try:
+            os.utime(f)  # most recently used: evicted last
+        except OSError:
+            pass
+        return kv, scales
+
+    def reject(self, f: Path):
+        self.n_rejected += 1
+        f.unlink(missing_ok=True)
+        return None
+
+    def save(self, key: bytes, tokens, kv, scales=None):
+        """Write one block, unless a file for its key is there already."""
+        f = self.file(key)
+        if f.exists():
+            return
+        tensors = {"kv": kv.contiguous().cpu(), "tokens": torch.tensor(list(tokens))}
+        if scales is not None:
+            tensors["scales"] = scales.contiguous().cpu()
+        meta = {"format": DISK_FORMAT, "salt": self.salt.hex(), "key": key.hex(),
+                "sha256": kv_digest([tensors["kv"]] + ([tensors["scales"]] if scales is not None
+                                                       else []))}
+        tmp = self.path / f".{f.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, f)  # atomic: readers see the whole file or none
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def enforce_budget(self):
+        """Remove least recently used blocks until the directory fits its budget, and the
+        temporary files of writers that died."""
+        now, files = time.time(), []
+        for f in self.path.iterdir():
+            try:
+                st = f.stat()
+            except FileNotFoundError:  # another process removed it meanwhile
+                continue
+            if f.name.endswith(".tmp") and now - st.st_mtime > self.STALE_TMP_S:
+                f.unlink(missing_ok=True)
+            elif f.suffix == ".safetensors":
+                files.append((st.st_mtime, st.st_size, f))
+        total = sum(size for _, size, _ in files)
+        for _, size, f in sorted(files):
+            if total <= self.budget:
+                break
+            f.unlink(missing_ok=True)
+            total -= size
+
+    def size(self) -> int:
+        """Bytes of block files in the directory now."""
+        return sum(f.stat().st_size for f in self.path.glob("*.safetensors"))
 
 
 # A table entry whose block was released because every key in it left the sliding window of
@@ -202,6 +344,11 @@ class KVCache:
         # has not written yet: another sequence may map them (the pass writes before anyone
         # attends), but nothing may copy them, and a failed pass must forget them
         self.unwritten: set[int] = set()
+        # the disk tier (attach_disk), the disk key of each hashed block, and the prompt
+        # tokens the last share_prefix read from disk
+        self.disk: DiskTier | None = None
+        self.block_key: list[bytes | None] = [None] * n_blocks
+        self.n_restored = 0
         # per sequence
         # seq id -> physical blocks, in order; RELEASED for a block a sliding window left
         self.block_tables: dict[int, list[int]] = {}
@@ -310,7 +457,7 @@ class KVCache:
         if h is not None and self.hash_to_block.get(h) == block:
             del self.hash_to_block[h]
         self.block_hash[block] = self.block_tokens[block] = self.block_parent[block] = None
-        self.block_origin[block] = None
+        self.block_origin[block] = self.block_key[block] = None
         self.generation[block] += 1  # whatever it held is forgotten: its children match no more
         self.unwritten.discard(block)
 
@@ -344,10 +491,50 @@ class KVCache:
             parent = h
         for block in hits:
             self._take(block)
+        self.n_restored = self._restore(hits, tokens) * p if self.disk else 0
         n_cached = min(len(hits) * p, len(tokens) - 1)
         self.block_tables[seq_id] = hits
         self.seq_tokens[seq_id] = list(tokens[:n_cached])
         return n_cached
+
+    def _restore(self, hits, tokens) -> int:
+        """Extend hits (blocks taken) with the prompt's next full blocks found on disk, copied
+        into free blocks of the pool in one indexed copy; returns how many."""
+        p, loaded, blocks = self.block_size, [], []
+        shape = (self.n_layer, 2, self.n_kv_head, p, self.head_dim)
+        parent = self.block_key[hits[-1]] if hits else None
+        if hits and parent is None:
+            return 0
+        for i in range(len(hits), len(tokens) // p):
+            if not self.free_blocks and not self.cached_free:
+                break
+            block_toks = tuple(tokens[i * p:(i + 1) * p])
+            key = block_key(self.disk.salt, parent, block_toks)
+            found = self.disk.load(key, block_toks, shape, self.kv.dtype)
+            if found is None:
+                break
+            block = self._allocate()
+            self._hash(block, hits[-1] if hits else None, block_toks)
+            self.unwritten.discard(block)  # its K/V is the file's, copied below
+            hits.append(block)
+            blocks.append(block)
+            loaded.append(found)
+            parent = key
+        if blocks:
+            idx = torch.tensor(blocks, device=self.kv.device)
+            self.kv[:, :, :, idx] = torch.stack([kv for kv, _ in loaded], 3).to(self.kv.device)
+            if self.scales is not None:
+                self.scales[:, :, :, idx] = torch.stack([s for _, s in loaded], 3).to(
+                    self.scales.device)
+        return len(blocks)
+
+    def spill(self, blocks):
+        """Write the given hashed blocks to the disk tier (each once), then keep its budget."""
+        for b in sorted(blocks):
+            if self.block_key[b] is not None:
+                self.disk.save(self.block_key[b], self.block_tokens[b], self.kv[:, :, :, b],
+                               None if self.scales is None else self.scales[:, :, :, b])
+        self.disk.enforce_budget()
 
     def append(self, seq_id, tokens) -> list[int]:
         """Give the next len(tokens) tokens of seq_id (created if new) their slots, and return
@@ -382,6 +569,10 @@ class KVCache:
         self.block_hash[block], self.block_parent[block] = h, parent
         self.block_origin[block] = self._origin(parent_block)
         self.block_tokens[block] = tuple(tokens)
+        if self.disk is not None:  # a parent without a key (none when it was hashed): none
+            parent_key = None if parent_block is None else self.block_key[parent_block]
+            self.block_key[block] = None if parent_block is not None and parent_key is None \
+                else block_key(self.disk.salt, parent_key, tokens)
         self.hash_to_block.setdefault(h, block)  # an equal block already cached stays canonical
         self.unwritten.add(block)
 
@@ -393,7 +584,10 @@ class KVCache:
         return i is not None and self.block_tables[seq_id][i] in self.unwritten
 
     def mark_written(self):
-        """The forward pass has written every reserved slot: nothing is pending any more."""
+        """The forward pass has written every reserved slot: nothing is pending any more. The
+        blocks it filled go to the disk tier, if there is one."""
+        if self.disk is not None and self.unwritten:
+            self.spill(self.unwritten)
         self.unwritten.clear()
 
     def abort_step(self):

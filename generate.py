@@ -25,6 +25,7 @@ later recomputes) the newest sequence when the pool runs dry. Speculative decodi
 What this is not: a server (no network front end, no async API). Test: `pytest test_generate.py`.
 """
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -118,6 +119,7 @@ class Completion:
     token_ids: list         # generated tokens only (an end-of-sequence token is not included)
     n_prompt_tokens: int
     n_cached_tokens: int    # prompt tokens whose K/V came from the cache instead of prefill
+    n_disk_tokens: int      # of those, the tokens read from the prompt cache's disk tier
     ttft_s: float           # from the generate() call to this request's first token
     decode_s: float         # from the first token to the last
     finish_reason: str      # "stop" (EOS or a stop string) or "length"
@@ -136,6 +138,7 @@ class Sequence:
     eos_ids: frozenset = frozenset()
     n_computed: int = 0
     n_cached: int | None = None     # prompt tokens found in the cache at first admission
+    n_disk: int = 0                 # prompt tokens read from the disk tier
     forks: list = field(default_factory=list)  # samples 2..n, forked once the prompt is done
     text: str = ""
     n_emitted: int = 0              # characters of text already streamed
@@ -275,7 +278,8 @@ class Outputs:
     def completion(self, seq) -> Completion:
         t0, t_first = self.t0, seq.t_first or self.t0
         return Completion(text=seq.text, token_ids=list(seq.out_ids), n_prompt_tokens=seq.n_prompt,
-                          n_cached_tokens=seq.n_cached or 0, ttft_s=t_first - t0,
+                          n_cached_tokens=seq.n_cached or 0,
+                          n_disk_tokens=min(seq.n_disk, seq.n_cached or 0), ttft_s=t_first - t0,
                           decode_s=(seq.t_end or t_first) - t_first,
                           finish_reason=seq.finish_reason or "")
 
@@ -331,6 +335,7 @@ class Scheduler:
             seq = self.waiting[0]
             # map the prompt's leading blocks already in the pool: only the rest is prefilled
             seq.n_computed = self.cache.share_prefix(seq.id, seq.tokens)
+            seq.n_disk += self.cache.n_restored
             n = min(len(seq.tokens) - seq.n_computed, budget)
             if not self.cache.can_append(seq.id, n) or self.cache.copies_unwritten(seq.id):
                 self.cache.free(seq.id)  # give the mapped blocks back; try again next step
@@ -370,6 +375,7 @@ class Scheduler:
             if self.cache is not None:
                 self.cache.fork(parent.id, child.id)
             child.n_computed, child.n_cached = parent.n_computed, parent.n_cached
+            child.n_disk = parent.n_disk
         self.running[at:at] = children
         return children
 
@@ -468,11 +474,13 @@ class CompiledDecode:
     def __init__(self, model, cache, log=None):
         self.model, self.cache, self.log = model, cache, log
         self.n_packed = model_mod.pack_weights(model)
-        # no guards on the model's modules (their parameters and attributes): checking them
-        # before every call cost 0.45 ms a step (0.06 ms without); a loaded model is never
-        # changed, and CompiledDecode is not built for a model in invariant mode
-        self.fn = torch.compile(model.decode_step, fullgraph=True, options={
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        # (dynamo's guards on the model's modules cost 0.45 ms a step; dropping them is not
+        # safe: compiled code is cached per function, and another engine's model in the same
+        # process would then run this one's graph)
+        self.fn = torch.compile(model.decode_step, fullgraph=True)
+        # compiled code is kept per function, two graphs for each engine's model: a process
+        # with many engines (a test suite, a benchmark) would pass dynamo's default of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.graphs = {}  # "1" or "B>1" -> seconds its first call took (tracing, compiling)
 
     @staticmethod
@@ -557,17 +565,21 @@ class LLM:
     model.invariant_linear and kernels.invariant_attention): cached == uncached == chunked
     == batched == speculative, bit for bit in any dtype, at the cost the README measures.
     compile=True runs decode steps through CompiledDecode where it applies (CPU, a cache in
-    the model's dtype, not invariant mode; decode_path says which path runs and why)."""
+    the model's dtype, not invariant mode; decode_path says which path runs and why).
+    prompt_cache: a directory where full blocks of K/V are kept between processes (see
+    cache.DiskTier), bounded by prompt_cache_budget (a size: "1GiB"); a prompt maps its
+    longest prefix found in the pool, then on disk, and prefills only the rest."""
 
     def __init__(self, model=None, device="cpu", dtype=None, block_size=16, n_blocks=None,
                  kv_budget="256MiB", max_batch_tokens=2048, kv_dtype=None, invariant=False,
-                 compile=False):
+                 compile=False, prompt_cache=None, prompt_cache_budget="1GiB"):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         if block_size < 1 or (n_blocks is not None and n_blocks < 1) or max_batch_tokens < 1:
             raise ValueError("block_size, n_blocks and max_batch_tokens must be >= 1")
         kv_dtype = cache_mod.kv_storage_dtype(kv_dtype, self.dtype, self.device)
         cache_mod.parse_budget(kv_budget, self.device)  # bad input fails before the load
+        disk_budget = cache_mod.parse_size(prompt_cache_budget, "prompt cache budget")
         self.model_path = str(model if model is not None else model_mod.default_model_path())
         self.model, self.tokenizer = model_mod.load(self.model_path, self.dtype, self.device)
         self.model.set_invariant(bool(invariant))
@@ -576,6 +588,8 @@ class LLM:
         self.cache = cache_mod.KVCache(*shape, n_blocks, block_size, kv_dtype, self.device) \
             if n_blocks else cache_mod.KVCache.from_budget(kv_budget, block_size, *shape,
                                                            cfg.max_seq_len, kv_dtype, self.device)
+        if prompt_cache is not None:
+            self.cache.disk = cache_mod.DiskTier(prompt_cache, disk_budget, self.cache_salt())
         self.max_batch_tokens = max_batch_tokens
         why = CompiledDecode.why_not(self) if compile else ""
         self.compiled = CompiledDecode(self.model, self.cache) if compile and not why else None
@@ -584,6 +598,16 @@ class LLM:
         self.peak_blocks = 0  # most blocks in use during the last generate() call
         self.n_preemptions = 0  # sequences preempted (and later recomputed), ever
         self._next_id = 0
+
+    def cache_salt(self) -> bytes:
+        """What a block's K/V depends on besides its tokens: the weights, the config (RoPE
+        settings included), the compute dtype, the KV storage dtype and the block size. The
+        prompt cache's keys are salted with it: a file written under another setup never
+        hits."""
+        setup = "\n".join([cache_mod.DISK_FORMAT, model_mod.checkpoint_identity(self.model_path),
+                           repr(self.cfg), str(self.dtype), str(self.cache.dtype),
+                           str(self.cache.block_size), str(self.model.invariant)])
+        return hashlib.sha256(setup.encode()).digest()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -745,7 +769,9 @@ def summary_line(llm, outs, wall_s, speculator=None, chat=False) -> str:
         generated = f"{n_gen} generated"
     kv = llm.peak_blocks * llm.cache.block_size * llm.cache.bytes_per_token
     return (f"[{len(outs)} request{'s' * (len(outs) > 1)} | prompt {n_prompt} tokens | "
-            f"cached {sum(o.n_cached_tokens for o in outs)} | "
+            f"cached {sum(o.n_cached_tokens for o in outs)}"
+            + (f" ({sum(o.n_disk_tokens for o in outs)} from disk)" if llm.cache.disk else "")
+            + " | "
             f"TTFT {max(o.ttft_s for o in outs) * 1e3:.0f} ms | {generated} | "
             f"KV cache {kv / 2**20:.2f} MiB in use ({llm.peak_blocks}/{llm.cache.n_blocks} "
             f"blocks) | " + (f"{speculator.stats.summary()} | " if speculator else "")
@@ -817,6 +843,12 @@ def parse_args(argv):
                     help="compile the decode step whole with inductor, weights in the CPU's "
                          "own layout (CPU only; about 2x faster decode in bf16; the first run "
                          "compiles for about a minute, later ones trace for several seconds)")
+    ap.add_argument("--prompt-cache", metavar="DIR", default=None,
+                    help="keep full blocks of prompt K/V in DIR between runs (safetensors files, "
+                         "keyed by SHA-256 over the model setup and the tokens): a repeated "
+                         "prompt prefix is read instead of prefilled")
+    ap.add_argument("--prompt-cache-budget", default="1GiB",
+                    help="disk space the prompt cache may use (least recently used blocks go)")
     ap.add_argument("--kv-dtype", default="auto", choices=["auto", "int8", "fp8"],
                     help="KV cache storage: the model's dtype, or quantized with one scale per "
                          "vector (int8: half of bf16; fp8 on GPUs of compute capability 8.9+)")
@@ -966,7 +998,8 @@ def main(argv=None):
             speculator = spec_mod.Speculator(args.speculative, args.spec_k)
         llm = LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                   n_blocks=args.n_blocks, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype,
-                  invariant=args.invariant, compile=args.compile)
+                  invariant=args.invariant, compile=args.compile,
+                  prompt_cache=args.prompt_cache, prompt_cache_budget=args.prompt_cache_budget)
         if llm.compiled:
             llm.compiled.log = lambda msg: print(msg, file=sys.stderr, flush=True)
         elif args.compile:

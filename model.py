@@ -16,6 +16,7 @@ One shape alphabet, used in every shape comment of this project:
 Run: `python generate.py --help`. Test: `pytest test_model.py`.
 """
 import codecs
+import hashlib
 import importlib.util
 import json
 import math
@@ -558,6 +559,25 @@ def load(path=None, dtype=torch.float32, device="cpu"):
         raise ValueError(f"{path} is neither a GGUF file nor a Hugging Face checkpoint directory")
     model, _, g = load_gguf(path, dtype, device)
     return model, naming(path, tokenizer_from_gguf, g, path)
+
+
+def checkpoint_identity(path) -> str:
+    """A SHA-256 that names a checkpoint's weights without reading them all: for each weight or
+    config file, its name, size and 16 samples of 64 KiB spread over it (two checkpoints of one
+    architecture differ in every sampled tensor byte; reading all of an 8B model would take
+    seconds). What the prompt cache's keys are salted with."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(
+        f for f in path.iterdir() if f.suffix in (".safetensors", ".json", ".gguf"))
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            for i in range(16):
+                fh.seek(size * i // 16)
+                h.update(fh.read(1 << 16))
+    return h.hexdigest()
 
 
 def naming(path, fn, *args):

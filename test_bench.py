@@ -87,3 +87,16 @@ def test_bench_load_times_cold_processes(tiny_dir, capsys):
     assert ours.endswith(" | 1.00x |") and theirs.endswith("x |") and compiled.endswith("x |")
     imports, loaded, first = (float(c) for c in ours.split(" | ")[2:5])
     assert 0 < imports <= loaded <= first  # (two decimals: a tiny model loads at once)
+
+
+def test_bench_prompt_cache_times_fresh_processes(tiny_dir, capsys):
+    """The prompt-cache section: a cold and a warm run per round, each a fresh process; the
+    warm one reads the system prompt's blocks from disk."""
+    assert bench.main(["prompt-cache", "--model", str(tiny_dir("llama")), "--repeat", "1",
+                       "--system-tokens", "40"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ")]
+    cold = next(r for r in rows if r.startswith("| cold (empty directory) | "))
+    warm = next(r for r in rows if r.startswith("| warm (filled by an earlier process) | "))
+    assert cold.split(" | ")[2].startswith("0 of ") and not warm.split(" | ")[2].startswith("0 ")
+    assert any(r.startswith("| warm / cold | ") for r in rows) and "bytes per token" in out

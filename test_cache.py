@@ -9,10 +9,12 @@ of a hash hit is exercised too. The events each run reached are counted by hypot
     pytest test_cache.py -k BlockManager --hypothesis-show-statistics
 """
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import event, strategies as st
+from hypothesis import event, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import cache as cache_mod
@@ -728,3 +730,108 @@ def test_a_budget_beyond_memory_is_refused_with_what_fits(monkeypatch):
 def test_a_budget_smaller_than_a_block_still_gives_one():
     # 30 layers x 3 heads x 64 x 4 bytes x 2 x 16 slots = 1.4 MiB a block: 1 MiB holds none
     assert KVCache.from_budget("1MiB", 16, 30, 3, 64, max_seq_len=2048).n_blocks == 1
+
+
+# ------------------------------------------------------------------------------------------
+# the disk tier (prompt caching across processes)
+
+LONG_TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=24)
+
+
+def fill(cache, sid, tokens):
+    """A request through the cache as the engine runs it: share the prefix (from the pool or
+    the disk), append the rest, write its K/V (expected_kv), end the pass. Returns n_cached."""
+    n_cached = cache.share_prefix(sid, tokens)
+    slots = cache.append(sid, tokens[n_cached:])
+    k, v = expected_kv(tokens)
+    cache.kv[0, 0].view(-1)[slots] = torch.tensor(k[n_cached:])
+    cache.kv[0, 1].view(-1)[slots] = torch.tensor(v[n_cached:])
+    cache.mark_written()
+    return n_cached
+
+
+@given(first=st.lists(LONG_TOKENS, min_size=1, max_size=5),
+       second=st.lists(LONG_TOKENS, min_size=1, max_size=5), block_size=st.sampled_from([1, 2, 4]),
+       budget_blocks=st.integers(1, 16),
+       damage=st.lists(st.tuples(st.integers(0, 10 ** 6), st.sampled_from(["cut", "flip", "swap"])),
+                       max_size=3), data=st.data())
+@settings(deadline=None)
+def test_disk_tier_restores_a_prefix_s_own_kv_or_nothing(first, second, block_size,
+                                                        budget_blocks, damage, data):
+    """One pool spills every written block to a directory; its files are then cut, changed or
+    swapped; a fresh pool on that directory (a new process) restores the longest prefix it
+    finds for prompts of its own (often those of the first): every restored slot holds the
+    prompt's own K/V, damaged files are removed and never restored, the pool's invariants hold,
+    and the directory stays within its budget. A pool with another salt restores nothing."""
+    def pool(salt):
+        c = KVCache(n_layer=1, n_kv_head=1, head_dim=1, n_blocks=64, block_size=block_size)
+        c.disk = cache_mod.DiskTier(d, budget, salt)
+        return c
+    with tempfile.TemporaryDirectory() as d:
+        budget = budget_blocks * block_file_size(block_size)
+        one = pool(b"model A")
+        for sid, tokens in enumerate(first):
+            fill(one, sid, tokens)
+            one.free(sid)
+            assert one.disk.size() <= budget
+        files = sorted(Path(d).glob("*.safetensors"))
+        damaged = set()
+        for at, how in damage:
+            if not files:
+                break
+            f = files[at % len(files)]
+            raw = bytearray(f.read_bytes())
+            if not raw:
+                continue
+            if how == "cut":
+                f.write_bytes(raw[:at % len(raw)])
+            elif how == "flip":
+                raw[at % len(raw)] ^= 1 << at % 8
+                f.write_bytes(raw)
+            elif len(files) > 1:
+                f.write_bytes(files[(at + 1) % len(files)].read_bytes())
+            damaged.add(f.name)
+        assert pool(b"model B").share_prefix(0, first[0]) == 0  # another salt: no hit
+        two = pool(b"model A")
+        prompts = second + [data.draw(st.sampled_from(first)) for _ in first]
+        for sid, tokens in enumerate(prompts):
+            n_cached = two.share_prefix(sid, tokens)
+            table, p = two.block_table(sid), block_size
+            k, v = expected_kv(tokens)
+            slots = [table[i // p] * p + i % p for i in range(n_cached)]
+            assert two.kv[0, 0].view(-1)[slots].tolist() == k[:n_cached]
+            assert two.kv[0, 1].view(-1)[slots].tolist() == v[:n_cached]
+            two.free(sid)
+            two.check_invariants()
+            fill(two, sid, tokens)  # prefill the rest: the pool spills it in turn
+            two.free(sid)
+        for f in Path(d).glob("*.safetensors"):  # each file valid, or damaged and never read
+            try:
+                with cache_mod.safe_open(f, "pt") as st_file:
+                    toks = st_file.get_tensor("tokens").tolist()
+                valid = two.disk.load(bytes.fromhex(f.name.split(".")[0]), toks,
+                                      (1, 2, 1, block_size, 1), torch.float32) is not None
+            except Exception:
+                valid = False
+            assert valid or f.name in damaged, f.name
+        assert two.disk.size() <= budget and not list(Path(d).glob("*.tmp"))
+
+
+def block_file_size(block_size) -> int:
+    """Bytes of one block file of a 1-layer, 1-head, head-dim-1 fp32 pool."""
+    with tempfile.TemporaryDirectory() as d:
+        c = KVCache(n_layer=1, n_kv_head=1, head_dim=1, n_blocks=1, block_size=block_size)
+        c.disk = cache_mod.DiskTier(d, 1 << 20, b"probe")
+        fill(c, 0, [0] * block_size)
+        return c.disk.size()
+
+
+def test_disk_tier_refuses_bad_settings(tmp_path):
+    """A prompt cache directory that cannot be made, or a budget that is not a size: one line."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="cannot create"):
+        cache_mod.DiskTier(tmp_path / "file" / "sub", 1 << 20, b"s")
+    for bad in ("lots", "-1GiB", "0", "1.5 parsecs"):
+        with pytest.raises(ValueError, match="prompt cache budget"):
+            cache_mod.parse_size(bad, "prompt cache budget")
+    assert cache_mod.parse_size("2GiB") == 2 << 30 and cache_mod.parse_size("4096") == 4096

@@ -1046,3 +1046,95 @@ def test_compile_gives_way_where_it_cannot_apply(engine, tiny_dir, cli):
                        "--max-new-tokens", "3")
     assert code == 0 and "note: decode runs eager (invariant mode" in err
     assert "| eager (invariant mode keeps its own fixed-shape products) decode |" in err
+
+
+# ------------------------------------------------------------------------------------------
+# the prompt cache's disk tier (LLM(prompt_cache=DIR), --prompt-cache)
+
+@pytest.mark.parametrize("dtype, invariant", [("float32", False), ("bfloat16", True)])
+def test_prompt_cache_hit_from_disk_equals_cold(tiny_dir, tmp_path, dtype, invariant):
+    """A fresh engine on a warm directory (a new process, as far as the cache knows) reads the
+    prompts' full blocks from disk and prefills only the rest: the same tokens as an engine
+    without a prompt cache (fp32, and bitwise-invariant bf16: there a hit changes no bit)."""
+    path = str(tiny_dir("llama"))
+    shared = [7, 3, 9, 1, 4, 4, 8, 2, 6, 5, 3, 11]
+    prompts = [shared + [5, 2, 9], shared + [1], [3, 1, 4, 1, 5, 9, 2, 6]]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    kw = dict(dtype=dtype, block_size=4, invariant=invariant)
+    cold = LLM(path, **kw).generate(prompts, params)
+    first = LLM(path, prompt_cache=tmp_path, **kw).generate(prompts, params)
+    assert all(o.n_disk_tokens == 0 for o in first)
+    warm = LLM(path, prompt_cache=tmp_path, **kw)
+    again = warm.generate(prompts, params)
+    assert [o.token_ids for o in again] == [o.token_ids for o in cold]
+    # the first and third prompts' full blocks come from disk; the second's from the pool,
+    # where the first brought them in the same step
+    assert [o.n_disk_tokens for o in again] == [12, 0, 7]
+    assert [o.n_cached_tokens for o in again] == [12, 12, 7]
+    warm.cache.check_invariants()
+
+
+def test_prompt_cache_never_hits_for_another_setup(tiny_dir, tmp_path):
+    """A block written under one setup is never read under another: other weights (same
+    architecture), dtype, KV storage dtype or block size."""
+    prompt = [[7, 3, 9, 1, 4, 4, 8, 2, 6, 5, 3, 11, 2]]
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    base = dict(dtype="float32", block_size=4, prompt_cache=tmp_path)
+    LLM(str(tiny_dir("llama")), **base).generate(prompt, params)
+    same = LLM(str(tiny_dir("llama")), **base).generate(prompt, params)[0]
+    assert same.n_disk_tokens == 12  # the control: the same setup hits
+    for path, change in [(tiny_dir("llama", seed=1), {}), (tiny_dir("llama"), {"dtype": "bfloat16"}),
+                         (tiny_dir("llama"), {"kv_dtype": "int8"}),
+                         (tiny_dir("llama"), {"block_size": 2})]:
+        out = LLM(str(path), **{**base, **change}).generate(prompt, params)[0]
+        assert out.n_disk_tokens == 0, change
+
+
+def test_prompt_cache_survives_damaged_files_and_two_writers(tiny_dir, tmp_path, cli):
+    """Damaged files (cut, changed) are refused and removed and the request is still right;
+    two processes filling one directory at once leave only whole, valid files and no
+    temporary ones; the CLI's summary counts the tokens read from disk."""
+    path = str(tiny_dir("llama"))
+    prompt = [7, 3, 9, 1, 4, 4, 8, 2, 6, 5, 3, 11, 2]
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    cold = LLM(path, dtype="float32", block_size=4).generate([prompt], params)[0]
+    LLM(path, dtype="float32", block_size=4, prompt_cache=tmp_path).generate([prompt], params)
+    by_tokens = {}
+    for f in tmp_path.glob("*.safetensors"):
+        with cache_mod.safe_open(f, "pt") as st_file:
+            by_tokens[tuple(st_file.get_tensor("tokens").tolist())] = f
+    first, second = by_tokens[tuple(prompt[:4])], by_tokens[tuple(prompt[4:8])]
+    raw = bytearray(first.read_bytes())
+    raw[-5] ^= 0x10  # a bit of its K/V changed: the checksum disagrees
+    first.write_bytes(raw)
+    second.write_bytes(second.read_bytes()[:100])  # cut short: the header points past the end
+    llm = LLM(path, dtype="float32", block_size=4, prompt_cache=tmp_path)
+    for n_rejected in (1, 2):  # the first block refused, then (its copy rewritten) the second
+        llm.cache.forget_cached()
+        out = llm.generate([prompt], params)[0]
+        assert out.token_ids == cold.token_ids and llm.cache.disk.n_rejected == n_rejected
+    out = llm.generate([prompt], params)[0]  # both rewritten whole by the prefills
+    assert out.n_disk_tokens == 0 and out.n_cached_tokens == 12
+    llm.cache.forget_cached()
+    assert llm.generate([prompt], params)[0].n_disk_tokens == 12
+    script = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from generate import LLM, "
+              f"SamplingParams\nllm = LLM({path!r}, dtype='float32', block_size=4, "
+              f"prompt_cache=sys.argv[1])\nfor i in range(6):\n    llm.generate([[i, 5, 9, 1, 4, "
+              f"4, 8, 2, 6, 5, 3, 11, 2, i]], SamplingParams(max_new_tokens=5, ignore_eos=True))")
+    shared = tmp_path / "shared"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(shared)]) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert not list(shared.glob("*.tmp")) and len(list(shared.glob("*.safetensors"))) >= 12
+    check = LLM(path, dtype="float32", block_size=4, prompt_cache=shared)
+    for f in shared.glob("*.safetensors"):
+        with cache_mod.safe_open(f, "pt") as st_file:
+            toks = st_file.get_tensor("tokens").tolist()
+        assert check.cache.disk.load(bytes.fromhex(f.stem), toks, (2, 2, 2, 4, 8),
+                                     torch.float32) is not None, f.name
+    code, _, err = cli("--model", path, "--dtype", "float32", "--block-size", "4",
+                       "--prompt-cache", str(tmp_path), "--token-ids", " ".join(map(str, prompt)),
+                       "--max-new-tokens", "2")
+    assert code == 0 and "| cached 12 (12 from disk) |" in err
+    code, _, err = cli("--model", path, "--prompt-cache", str(tmp_path),
+                       "--prompt-cache-budget", "lots", "--token-ids", "1 2")
+    assert code == 2 and err.startswith("error: prompt cache budget 'lots'")
