@@ -705,8 +705,8 @@ def bench_prompt_cache(args):
     here = os.path.dirname(os.path.abspath(__file__))
     tok = LLM(path, n_blocks=1).tokenizer
     with open(os.path.join(here, "declaration.txt"), encoding="utf-8") as f:
-        text = f.read()
-    system = tok.encode(text * (1 + args.system_tokens // len(text)))[:args.system_tokens]
+        text = tok.encode(f.read())
+    system = (text * (1 + args.system_tokens // len(text)))[:args.system_tokens]  # repeated
     ids = system + tok.encode(" Question: who wrote this, and when?", add_bos=False)
     print(f"\n## prompt cache: a {len(system)}-token system prompt plus a question, TTFT in a "
           f"fresh process, bf16 ({machine()})")
