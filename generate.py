@@ -844,7 +844,7 @@ def parse_args(argv):
                          "own layout (CPU only; about 2x faster decode in bf16; the first run "
                          "compiles for about a minute, later ones trace for several seconds)")
     ap.add_argument("--prompt-cache", metavar="DIR", default=None,
-                    help="keep full blocks of prompt K/V in DIR between runs (safetensors files, "
+                    help="keep every full block of K/V in DIR between runs (safetensors files, "
                          "keyed by SHA-256 over the model setup and the tokens): a repeated "
                          "prompt prefix is read instead of prefilled")
     ap.add_argument("--prompt-cache-budget", default="1GiB",
