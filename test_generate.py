@@ -1051,16 +1051,18 @@ def test_compile_gives_way_where_it_cannot_apply(engine, tiny_dir, cli):
 # ------------------------------------------------------------------------------------------
 # the prompt cache's disk tier (LLM(prompt_cache=DIR), --prompt-cache)
 
-@pytest.mark.parametrize("dtype, invariant", [("float32", False), ("bfloat16", True)])
-def test_prompt_cache_hit_from_disk_equals_cold(tiny_dir, tmp_path, dtype, invariant):
+@pytest.mark.parametrize("dtype, invariant, kv_dtype", [
+    ("float32", False, None), ("bfloat16", True, None), ("float32", False, "int8")])
+def test_prompt_cache_hit_from_disk_equals_cold(tiny_dir, tmp_path, dtype, invariant, kv_dtype):
     """A fresh engine on a warm directory (a new process, as far as the cache knows) reads the
     prompts' full blocks from disk and prefills only the rest: the same tokens as an engine
-    without a prompt cache (fp32, and bitwise-invariant bf16: there a hit changes no bit)."""
+    without a prompt cache (fp32, bitwise-invariant bf16: there a hit changes no bit, and an
+    int8 cache, whose scales travel with their blocks)."""
     path = str(tiny_dir("llama"))
     shared = [7, 3, 9, 1, 4, 4, 8, 2, 6, 5, 3, 11]
     prompts = [shared + [5, 2, 9], shared + [1], [3, 1, 4, 1, 5, 9, 2, 6]]
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
-    kw = dict(dtype=dtype, block_size=4, invariant=invariant)
+    kw = dict(dtype=dtype, block_size=4, invariant=invariant, kv_dtype=kv_dtype)
     cold = LLM(path, **kw).generate(prompts, params)
     first = LLM(path, prompt_cache=tmp_path, **kw).generate(prompts, params)
     assert all(o.n_disk_tokens == 0 for o in first)
