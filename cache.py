@@ -271,6 +271,41 @@ class DiskTier:
         return sum(f.stat().st_size for f in self.path.glob("*.safetensors"))
 
 
+class HostTier:
+    """Blocks the pool evicted, kept in host memory (pinned, for a GPU pool: the copy back is
+    asynchronous) under a byte budget, least recently used first out; looked up by the same
+    keys as the disk tier, before it. Lives as long as the process."""
+
+    def __init__(self, budget_bytes: int, pin: bool = False):
+        self.budget, self.pin, self.bytes = budget_bytes, pin, 0
+        self.blocks: OrderedDict[bytes, tuple] = OrderedDict()  # key -> (tokens, kv, scales)
+
+    def put(self, key: bytes, tokens, kv, scales=None):
+        if key in self.blocks:
+            self.blocks.move_to_end(key)
+            return
+        kv, scales = (None if t is None else t.to("cpu", copy=True) for t in (kv, scales))
+        if self.pin:
+            kv, scales = (None if t is None else t.pin_memory() for t in (kv, scales))
+        self.blocks[key] = (tuple(tokens), kv, scales)
+        self.bytes += self.nbytes(key)
+        while self.bytes > self.budget:
+            self.bytes -= self.nbytes(next(iter(self.blocks)))
+            self.blocks.popitem(last=False)
+
+    def nbytes(self, key) -> int:
+        _, kv, scales = self.blocks[key]
+        return kv.nbytes + (0 if scales is None else scales.nbytes)
+
+    def load(self, key: bytes, tokens, shape=None, dtype=None):
+        """(kv, scales or None) of the block with this key and tokens, or None."""
+        entry = self.blocks.get(key)
+        if entry is None or entry[0] != tuple(tokens):
+            return None
+        self.blocks.move_to_end(key)
+        return entry[1], entry[2]
+
+
 # A table entry whose block was released because every key in it left the sliding window of
 # every layer (release_before): the table keeps its length, so a token's block is still
 # table[pos // P], and attention never reads the entry (the window masks its positions).
@@ -355,12 +390,21 @@ class KVCache:
         # the disk tier (attach_disk), the disk key of each hashed block, and the prompt
         # tokens the last share_prefix read from disk
         self.disk: DiskTier | None = None
+        self.host: HostTier | None = None
+        self.salt: bytes | None = None  # what the tiers' keys are salted with (attach_tiers)
         self.block_key: list[bytes | None] = [None] * n_blocks
         self.n_restored = 0
         # per sequence
         # seq id -> physical blocks, in order; RELEASED for a block a sliding window left
         self.block_tables: dict[int, list[int]] = {}
         self.seq_tokens: dict[int, list[int]] = {}    # seq id -> token ids it has slots for
+
+    def attach_tiers(self, salt: bytes, host: HostTier | None = None,
+                     disk: DiskTier | None = None):
+        """Keep evicted blocks in host memory and/or every written block on disk, keyed by
+        block_key chains salted with `salt` (set before any block is hashed)."""
+        assert not self.hash_to_block, "tiers are attached to an empty pool"
+        self.salt, self.host, self.disk = salt, host, disk
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -440,6 +484,10 @@ class KVCache:
             block = self.free_blocks.popleft()
         else:
             block, _ = self.cached_free.popitem(last=False)
+            if self.host is not None and self.block_key[block] is not None:
+                self.host.put(self.block_key[block], self.block_tokens[block],
+                              self.kv[:, :, :, block],
+                              None if self.scales is None else self.scales[:, :, :, block])
             self._unhash(block)
         self.ref_counts[block] = 1
         return block
@@ -499,15 +547,16 @@ class KVCache:
             parent = h
         for block in hits:
             self._take(block)
-        self.n_restored = self._restore(hits, tokens) * p if self.disk else 0
+        self.n_restored = self._restore(hits, tokens) * p if self.salt is not None else 0
         n_cached = min(len(hits) * p, len(tokens) - 1)
         self.block_tables[seq_id] = hits
         self.seq_tokens[seq_id] = list(tokens[:n_cached])
         return n_cached
 
     def _restore(self, hits, tokens) -> int:
-        """Extend hits (blocks taken) with the prompt's next full blocks found on disk, copied
-        into free blocks of the pool in one indexed copy; returns how many."""
+        """Extend hits (blocks taken) with the prompt's next full blocks found in the host tier
+        or on disk, copied into free blocks of the pool in one indexed copy; returns how
+        many."""
         p, loaded, blocks = self.block_size, [], []
         shape = (self.n_layer, 2, self.n_kv_head, p, self.head_dim)
         parent = self.block_key[hits[-1]] if hits else None
@@ -517,8 +566,11 @@ class KVCache:
             if not self.free_blocks and not self.cached_free:
                 break
             block_toks = tuple(tokens[i * p:(i + 1) * p])
-            key = block_key(self.disk.salt, parent, block_toks)
-            found = self.disk.load(key, block_toks, shape, self.kv.dtype)
+            key = block_key(self.salt, parent, block_toks)
+            found = None
+            for tier in (self.host, self.disk):
+                if found is None and tier is not None:
+                    found = tier.load(key, block_toks, shape, self.kv.dtype)
             if found is None:
                 break
             block = self._allocate()
@@ -565,6 +617,8 @@ class KVCache:
             table.append(self._allocate())
         seq.extend(tokens)
         for i in range(start // p, len(seq) // p):  # blocks filled by this append
+            if i and table[i - 1] == RELEASED:  # its prefix's block left the sliding window
+                continue  # (after a truncate): unknown parent, so never shared, never hashed
             self._hash(table[i], table[i - 1] if i else None, seq[i * p:(i + 1) * p])
         return [table[i // p] * p + i % p for i in range(start, len(seq))]
 
@@ -577,10 +631,10 @@ class KVCache:
         self.block_hash[block], self.block_parent[block] = h, parent
         self.block_origin[block] = self._origin(parent_block)
         self.block_tokens[block] = tuple(tokens)
-        if self.disk is not None:  # a parent without a key (none when it was hashed): none
+        if self.salt is not None:  # a parent without a key (none when it was hashed): none
             parent_key = None if parent_block is None else self.block_key[parent_block]
             self.block_key[block] = None if parent_block is not None and parent_key is None \
-                else block_key(self.disk.salt, parent_key, tokens)
+                else block_key(self.salt, parent_key, tokens)
         self.hash_to_block.setdefault(h, block)  # an equal block already cached stays canonical
         self.unwritten.add(block)
 

@@ -568,11 +568,14 @@ class LLM:
     the model's dtype, not invariant mode; decode_path says which path runs and why).
     prompt_cache: a directory where full blocks of K/V are kept between processes (see
     cache.DiskTier), bounded by prompt_cache_budget (a size: "1GiB"); a prompt maps its
-    longest prefix found in the pool, then on disk, and prefills only the rest."""
+    longest prefix found in the pool, then on disk, and prefills only the rest.
+    kv_host_budget (a size) keeps blocks a GPU pool evicts in pinned host memory, looked up
+    before the disk (cache.HostTier); on a CPU the pool is host memory, and it is skipped."""
 
     def __init__(self, model=None, device="cpu", dtype=None, block_size=16, n_blocks=None,
                  kv_budget="256MiB", max_batch_tokens=2048, kv_dtype=None, invariant=False,
-                 compile=False, prompt_cache=None, prompt_cache_budget="1GiB"):
+                 compile=False, prompt_cache=None, prompt_cache_budget="1GiB",
+                 kv_host_budget=None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         if block_size < 1 or (n_blocks is not None and n_blocks < 1) or max_batch_tokens < 1:
@@ -580,6 +583,7 @@ class LLM:
         kv_dtype = cache_mod.kv_storage_dtype(kv_dtype, self.dtype, self.device)
         cache_mod.parse_budget(kv_budget, self.device)  # bad input fails before the load
         disk_budget = cache_mod.parse_size(prompt_cache_budget, "prompt cache budget")
+        host_budget = kv_host_budget and cache_mod.parse_size(kv_host_budget, "KV host budget")
         self.model_path = str(model if model is not None else model_mod.default_model_path())
         self.model, self.tokenizer = model_mod.load(self.model_path, self.dtype, self.device)
         self.model.set_invariant(bool(invariant))
@@ -588,8 +592,13 @@ class LLM:
         self.cache = cache_mod.KVCache(*shape, n_blocks, block_size, kv_dtype, self.device) \
             if n_blocks else cache_mod.KVCache.from_budget(kv_budget, block_size, *shape,
                                                            cfg.max_seq_len, kv_dtype, self.device)
-        if prompt_cache is not None:
-            self.cache.disk = cache_mod.DiskTier(prompt_cache, disk_budget, self.cache_salt())
+        # the host tier holds evicted blocks of a GPU pool; on a CPU the pool is host memory
+        host = cache_mod.HostTier(host_budget, pin=True) \
+            if host_budget and self.device.type == "cuda" else None
+        if prompt_cache is not None or host is not None:
+            salt = self.cache_salt()
+            self.cache.attach_tiers(salt, host, None if prompt_cache is None else
+                                    cache_mod.DiskTier(prompt_cache, disk_budget, salt))
         self.max_batch_tokens = max_batch_tokens
         why = CompiledDecode.why_not(self) if compile else ""
         self.compiled = CompiledDecode(self.model, self.cache) if compile and not why else None
@@ -849,6 +858,9 @@ def parse_args(argv):
                          "prompt prefix is read instead of prefilled")
     ap.add_argument("--prompt-cache-budget", default="1GiB",
                     help="disk space the prompt cache may use (least recently used blocks go)")
+    ap.add_argument("--kv-host-budget", default=None,
+                    help="host memory (a size: 4GiB) for blocks a GPU pool evicts, looked up "
+                         "before the prompt cache's disk; skipped on a CPU")
     ap.add_argument("--kv-dtype", default="auto", choices=["auto", "int8", "fp8"],
                     help="KV cache storage: the model's dtype, or quantized with one scale per "
                          "vector (int8: half of bf16; fp8 on GPUs of compute capability 8.9+)")
@@ -999,11 +1011,15 @@ def main(argv=None):
         llm = LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                   n_blocks=args.n_blocks, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype,
                   invariant=args.invariant, compile=args.compile,
-                  prompt_cache=args.prompt_cache, prompt_cache_budget=args.prompt_cache_budget)
+                  prompt_cache=args.prompt_cache, prompt_cache_budget=args.prompt_cache_budget,
+                  kv_host_budget=args.kv_host_budget)
         if llm.compiled:
             llm.compiled.log = lambda msg: print(msg, file=sys.stderr, flush=True)
         elif args.compile:
             print(f"note: decode runs {llm.decode_path}", file=sys.stderr)
+        if args.kv_host_budget and llm.cache.host is None:
+            print("note: --kv-host-budget is skipped on a CPU (the pool is host memory)",
+                  file=sys.stderr)
         if args.chat and not args.prompt_file:
             run_chat(llm, params, speculator, args.prompt)
             return 0

@@ -765,7 +765,7 @@ def test_disk_tier_restores_a_prefix_s_own_kv_or_nothing(first, second, block_si
     and the directory stays within its budget. A pool with another salt restores nothing."""
     def pool(salt):
         c = KVCache(n_layer=1, n_kv_head=1, head_dim=1, n_blocks=64, block_size=block_size)
-        c.disk = cache_mod.DiskTier(d, budget, salt)
+        c.attach_tiers(salt, disk=cache_mod.DiskTier(d, budget, salt))
         return c
     with tempfile.TemporaryDirectory() as d:
         budget = budget_blocks * block_file_size(block_size)
@@ -821,7 +821,7 @@ def block_file_size(block_size) -> int:
     """Bytes of one block file of a 1-layer, 1-head, head-dim-1 fp32 pool."""
     with tempfile.TemporaryDirectory() as d:
         c = KVCache(n_layer=1, n_kv_head=1, head_dim=1, n_blocks=1, block_size=block_size)
-        c.disk = cache_mod.DiskTier(d, 1 << 20, b"probe")
+        c.attach_tiers(b"probe", disk=cache_mod.DiskTier(d, 1 << 20, b"probe"))
         fill(c, 0, [0] * block_size)
         return c.disk.size()
 
@@ -835,3 +835,34 @@ def test_disk_tier_refuses_bad_settings(tmp_path):
         with pytest.raises(ValueError, match="prompt cache budget"):
             cache_mod.parse_size(bad, "prompt cache budget")
     assert cache_mod.parse_size("2GiB") == 2 << 30 and cache_mod.parse_size("4096") == 4096
+
+
+@given(prompts=st.lists(LONG_TOKENS, min_size=2, max_size=6), block_size=st.sampled_from([1, 2, 4]),
+       n_blocks=st.integers(4, 10), budget_blocks=st.integers(1, 8), data=st.data())
+@settings(deadline=None)
+def test_host_tier_keeps_evicted_blocks_own_kv(prompts, block_size, n_blocks, budget_blocks,
+                                               data):
+    """A small pool with a host tier (as a GPU pool has; here on the CPU): blocks the pool
+    evicts go to host memory under its budget, and a prompt that comes again restores them
+    from there, each slot holding the prompt's own K/V; invariants hold throughout."""
+    c = KVCache(n_layer=1, n_kv_head=1, head_dim=1, n_blocks=n_blocks, block_size=block_size)
+    per_block = 2 * block_size * 4  # K and V, fp32, one head, head dim 1
+    c.attach_tiers(b"host", host=cache_mod.HostTier(budget_blocks * per_block))
+    restored = 0
+    for sid, tokens in enumerate(prompts + [data.draw(st.sampled_from(prompts))
+                                            for _ in prompts]):
+        if c.blocks_needed(len(tokens)) > n_blocks:
+            continue
+        n_cached = c.share_prefix(sid, tokens)
+        restored += c.n_restored
+        table, p = c.block_table(sid), block_size
+        k, v = expected_kv(tokens)
+        slots = [table[i // p] * p + i % p for i in range(n_cached)]
+        assert c.kv[0, 0].view(-1)[slots].tolist() == k[:n_cached]
+        assert c.kv[0, 1].view(-1)[slots].tolist() == v[:n_cached]
+        c.free(sid)
+        fill(c, sid, tokens)
+        c.free(sid)
+        c.check_invariants()
+        assert c.host.bytes <= c.host.budget
+    event(f"restored from host: {restored > 0}")

@@ -1140,3 +1140,8 @@ def test_prompt_cache_survives_damaged_files_and_two_writers(tiny_dir, tmp_path,
     code, _, err = cli("--model", path, "--prompt-cache", str(tmp_path),
                        "--prompt-cache-budget", "lots", "--token-ids", "1 2")
     assert code == 2 and err.startswith("error: prompt cache budget 'lots'")
+    code, _, err = cli("--model", path, "--kv-host-budget", "1GiB", "--token-ids", "1 2",
+                       "--max-new-tokens", "1")
+    assert code == 0 and "note: --kv-host-budget is skipped on a CPU" in err
+    code, _, err = cli("--model", path, "--kv-host-budget", "-3", "--token-ids", "1 2")
+    assert code == 2 and err.startswith("error: KV host budget '-3'")
