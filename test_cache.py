@@ -795,12 +795,7 @@ def test_disk_tier_restores_a_prefix_s_own_kv_or_nothing(first, second, block_si
         two = pool(b"model A")
         prompts = second + [data.draw(st.sampled_from(first)) for _ in first]
         for sid, tokens in enumerate(prompts):
-            n_cached = two.share_prefix(sid, tokens)
-            table, p = two.block_table(sid), block_size
-            k, v = expected_kv(tokens)
-            slots = [table[i // p] * p + i % p for i in range(n_cached)]
-            assert two.kv[0, 0].view(-1)[slots].tolist() == k[:n_cached]
-            assert two.kv[0, 1].view(-1)[slots].tolist() == v[:n_cached]
+            share_and_check(two, sid, tokens)
             two.free(sid)
             two.check_invariants()
             fill(two, sid, tokens)  # prefill the rest: the pool spills it in turn
@@ -815,6 +810,17 @@ def test_disk_tier_restores_a_prefix_s_own_kv_or_nothing(first, second, block_si
                 valid = False
             assert valid or f.name in damaged, f.name
         assert two.disk.size() <= budget and not list(Path(d).glob("*.tmp"))
+
+
+def share_and_check(cache, sid, tokens):
+    """share_prefix, then check that every slot it mapped (from the pool or a tier) holds the
+    prompt's own K/V."""
+    n_cached = cache.share_prefix(sid, tokens)
+    table, p = cache.block_table(sid), cache.block_size
+    k, v = expected_kv(tokens)
+    slots = [table[i // p] * p + i % p for i in range(n_cached)]
+    assert cache.kv[0, 0].view(-1)[slots].tolist() == k[:n_cached]
+    assert cache.kv[0, 1].view(-1)[slots].tolist() == v[:n_cached]
 
 
 def block_file_size(block_size) -> int:
@@ -853,13 +859,8 @@ def test_host_tier_keeps_evicted_blocks_own_kv(prompts, block_size, n_blocks, bu
                                             for _ in prompts]):
         if c.blocks_needed(len(tokens)) > n_blocks:
             continue
-        n_cached = c.share_prefix(sid, tokens)
+        share_and_check(c, sid, tokens)
         restored += c.n_restored
-        table, p = c.block_table(sid), block_size
-        k, v = expected_kv(tokens)
-        slots = [table[i // p] * p + i % p for i in range(n_cached)]
-        assert c.kv[0, 0].view(-1)[slots].tolist() == k[:n_cached]
-        assert c.kv[0, 1].view(-1)[slots].tolist() == v[:n_cached]
         c.free(sid)
         fill(c, sid, tokens)
         c.free(sid)
