@@ -119,7 +119,7 @@ class Completion:
     token_ids: list         # generated tokens only (an end-of-sequence token is not included)
     n_prompt_tokens: int
     n_cached_tokens: int    # prompt tokens whose K/V came from the cache instead of prefill
-    n_disk_tokens: int      # of those, the tokens read from the prompt cache's disk tier
+    n_disk_tokens: int      # of those, the tokens read from the prompt cache (host or disk)
     ttft_s: float           # from the generate() call to this request's first token
     decode_s: float         # from the first token to the last
     finish_reason: str      # "stop" (EOS or a stop string) or "length"
@@ -138,7 +138,7 @@ class Sequence:
     eos_ids: frozenset = frozenset()
     n_computed: int = 0
     n_cached: int | None = None     # prompt tokens found in the cache at first admission
-    n_disk: int = 0                 # prompt tokens read from the disk tier
+    n_disk: int = 0                 # prompt tokens read from the prompt cache's tiers
     forks: list = field(default_factory=list)  # samples 2..n, forked once the prompt is done
     text: str = ""
     n_emitted: int = 0              # characters of text already streamed
@@ -471,9 +471,9 @@ class CompiledDecode:
     cost of each). Steps with more than one new token per sequence (prefill, chunks,
     speculative verification) stay eager."""
 
-    def __init__(self, model, cache, log=None):
-        self.model, self.cache, self.log = model, cache, log
-        self.n_packed = model_mod.pack_weights(model)
+    def __init__(self, model, log=None):
+        self.log = log
+        model_mod.pack_weights(model)
         # (dynamo's guards on the model's modules cost 0.45 ms a step; dropping them is not
         # safe: compiled code is cached per function, and another engine's model in the same
         # process would then run this one's graph)
@@ -601,7 +601,7 @@ class LLM:
                                     cache_mod.DiskTier(prompt_cache, disk_budget, salt))
         self.max_batch_tokens = max_batch_tokens
         why = CompiledDecode.why_not(self) if compile else ""
-        self.compiled = CompiledDecode(self.model, self.cache) if compile and not why else None
+        self.compiled = CompiledDecode(self.model) if compile and not why else None
         # which path decode steps take, and why not the compiled one when it was asked for
         self.decode_path = "compiled" if self.compiled else f"eager ({why})" if why else "eager"
         self.peak_blocks = 0  # most blocks in use during the last generate() call
@@ -779,7 +779,8 @@ def summary_line(llm, outs, wall_s, speculator=None, chat=False) -> str:
     kv = llm.peak_blocks * llm.cache.block_size * llm.cache.bytes_per_token
     return (f"[{len(outs)} request{'s' * (len(outs) > 1)} | prompt {n_prompt} tokens | "
             f"cached {sum(o.n_cached_tokens for o in outs)}"
-            + (f" ({sum(o.n_disk_tokens for o in outs)} from disk)" if llm.cache.disk else "")
+            + (f" ({sum(o.n_disk_tokens for o in outs)} from "
+               f"{'host/disk' if llm.cache.host else 'disk'})" if llm.cache.salt else "")
             + " | "
             f"TTFT {max(o.ttft_s for o in outs) * 1e3:.0f} ms | {generated} | "
             f"KV cache {kv / 2**20:.2f} MiB in use ({llm.peak_blocks}/{llm.cache.n_blocks} "
