@@ -87,11 +87,20 @@ UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 **
          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 
-def free_memory(device) -> int:
-    """Bytes free now: on a GPU what the CUDA driver reports, on a CPU the available RAM."""
+def free_memory(device, meminfo="/proc/meminfo") -> int:
+    """Bytes free now: on a GPU what the CUDA driver reports, on a CPU the RAM the kernel says is
+    available (MemAvailable: free pages plus the page cache it can drop; free pages alone are
+    nearly nil on a machine that has read a few GiB of files), else the free pages."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel writes kB, meaning KiB
+    except OSError:
+        pass  # not Linux
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

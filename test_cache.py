@@ -715,6 +715,18 @@ def test_parse_budget_names_the_empty_budget():
         parse_budget(" 0.4 B ")
 
 
+def test_free_ram_counts_the_page_cache_the_kernel_can_drop(tmp_path):
+    """A machine that has read a few GiB of files has almost no free pages but plenty of RAM
+    available: the budget is checked against MemAvailable, not MemFree."""
+    import cache as cache_mod
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       25000000 kB\nMemFree:          230000 kB\n"
+                       "MemAvailable:   24000000 kB\nBuffers:            4000 kB\n")
+    assert cache_mod.free_memory("cpu", meminfo) == 24000000 * 1024
+    missing = cache_mod.free_memory("cpu", tmp_path / "absent")  # not Linux: the free pages
+    assert missing == os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def test_a_budget_beyond_memory_is_refused_with_what_fits(monkeypatch):
     with pytest.raises(ValueError, match=r"more than the [0-9.]+ GiB of memory available"):
         KVCache.from_budget("100TiB", 16, 2, 2, 8, max_seq_len=64)
