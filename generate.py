@@ -125,10 +125,12 @@ class Completion:
     finish_reason: str      # "stop" (EOS or a stop string) or "length"
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """One request in flight. tokens = prompt + generated; n_computed of them have K/V in the
-    cache (n_computed < len(tokens) while prefilling, len(tokens) - 1 between decode steps)."""
+    cache (n_computed < len(tokens) while prefilling, len(tokens) - 1 between decode steps).
+    A sequence equals only itself (the scheduler's `in`, `remove` and `index` on its lists
+    would otherwise compare every field: measured, 0.3 s of a 64-request run)."""
     id: int
     tokens: list
     n_prompt: int
@@ -499,20 +501,21 @@ class CompiledDecode:
         seqs = [seq for seq, _, _ in batch]
         tables = cache.padded_block_tables([s.id for s in seqs])
         step = kernels.DecodeBatch.build([slots[0] for _, _, slots in batch], tables,
-                                         [s.n_computed + 1 for s in seqs])
+                                         [s.n_computed + 1 for s in seqs], cache.block_size)
         tokens = torch.tensor([s.tokens[s.n_computed] for s in seqs])
         positions = torch.tensor([s.n_computed for s in seqs])
-        args = (tokens, positions, step.slots, step.block_tables, step.context_lens)
+        args = (tokens, positions, *step.tensors())
         for a in args:  # every size a dimension of the graph, not a constant of it
             for dim in range(a.dim()):
-                torch._dynamo.maybe_mark_dynamic(a, dim)
+                if a is not step.chunk_tables or dim == 0:  # (but CHUNK_BLOCKS is one)
+                    torch._dynamo.maybe_mark_dynamic(a, dim)
         graph = "1" if len(seqs) == 1 else "B>1"
         t = time.perf_counter()
         if graph not in self.graphs and self.log:
             self.log(f"compiling the decode step (batch {'of 1' if graph == '1' else 'of 2+'}"
                      f"): about a minute the first time, seconds once inductor's cache has it")
         with torch.no_grad():
-            logits = self.fn(*args, cache.blocks)
+            logits = self.fn(tokens, positions, cache.blocks, *step.tensors())
         self.graphs.setdefault(graph, time.perf_counter() - t)
         cache.mark_written()
         for s in seqs:

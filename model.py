@@ -510,18 +510,17 @@ class Transformer(nn.Module):
             return invariant_linear(x, self.lm_head.weight).float()
         return (step_linear(x, self.lm_head) if step else self.lm_head(x)).float()  # (B, V)
 
-    def decode_step(self, tokens, positions, slots, block_tables, context_lens, pool):
+    def decode_step(self, tokens, positions, pool, *step):
         """One decode step of B sequences (one new token each) as a single traceable function
         of tensors: what generate.CompiledDecode compiles whole (embedding, every layer with
         its K/V write and attention, LM head). pool: the KV cache as blocks (KVCache.blocks);
-        slots, block_tables, context_lens: a kernels.DecodeBatch's. Returns fp32 logits
+        step: a kernels.DecodeBatch's tensors (DecodeBatch.tensors()). Returns fp32 logits
         (B, V)."""
         per_head = pool.shape[0] // (2 * self.cfg.n_layer * self.cfg.n_kv_head)
         # forward without its inference_mode decorator: a traced graph may not enter inference
         # mode (the caller runs the compiled step under no_grad)
         return Transformer.forward.__wrapped__(
-            self, tokens, positions, kernels.DecodeBatch(slots, block_tables, context_lens),
-            (pool, per_head))
+            self, tokens, positions, kernels.DecodeBatch(*step), (pool, per_head))
 
 
 # ------------------------------------------------------------------------------------------

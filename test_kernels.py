@@ -77,6 +77,71 @@ def test_decode_attention_matches_dense(case):
     assert assert_matches_oracle(kernels.paged_attention, one_new_token).is_decode
 
 
+@settings(max_examples=max(40, settings.default.max_examples))
+@given(n_kv=st.sampled_from([1, 3]), group=st.sampled_from([1, 3]),
+       block_size=st.sampled_from([1, 4, 16]),
+       ctx=st.lists(st.integers(1, 150), min_size=1, max_size=5),
+       window=st.sampled_from([0, 1, 5, 40]), seed=st.integers(0, 2 ** 16))
+def test_decode_step_attention_matches_dense(n_kv, group, block_size, ctx, window, seed):
+    """The compiled decode step's attention (run eagerly here): it writes each sequence's new
+    K/V into its slot of the pool, and nothing else, then attends over the sequence's keys
+    as attention_spec does, one sequence (keys gathered whole) or several (in chunks of
+    CHUNK_BLOCKS blocks merged per sequence: contexts here end inside, at the end of and
+    beyond a chunk; windows mask whole chunks)."""
+    g = torch.Generator().manual_seed(seed)
+    d, n_layer, layer = 8, 2, 1
+    n_blocks_each = [-(-c // block_size) for c in ctx]
+    per_head = sum(n_blocks_each) + 2
+    perm = torch.randperm(per_head, generator=g).tolist()
+    tables = [perm[sum(n_blocks_each[:b]):sum(n_blocks_each[:b + 1])] for b in range(len(ctx))]
+    pool = torch.randn(n_layer * 2 * n_kv * per_head, block_size, d, generator=g)
+    ks = [torch.randn(c, n_kv, d, generator=g) for c in ctx]
+    vs = [torch.randn(c, n_kv, d, generator=g) for c in ctx]
+    for t, k, v in zip(tables, ks, vs):  # the cached keys, all but each sequence's last
+        for pos in range(len(k) - 1):
+            for kv, x in enumerate((k, v)):
+                for h in range(n_kv):
+                    row = ((layer * 2 + kv) * n_kv + h) * per_head + t[pos // block_size]
+                    pool[row, pos % block_size] = x[pos, h]
+    before = pool.clone()
+    slots = [t[(c - 1) // block_size] * block_size + (c - 1) % block_size
+             for t, c in zip(tables, ctx)]
+    width = max(map(len, tables))
+    step = kernels.DecodeBatch.build(slots, [t + [0] * (width - len(t)) for t in tables], ctx,
+                                     block_size)
+    q = torch.randn(len(ctx), n_kv * group, d, generator=g)
+    out = kernels.decode_step_attention(q, torch.stack([k[-1] for k in ks]),
+                                        torch.stack([v[-1] for v in vs]), pool, layer, per_head,
+                                        step, d ** -0.5, window)
+    for b in range(len(ctx)):
+        want = kernels.attention_spec(q[b:b + 1], ks[b], vs[b], window)
+        torch.testing.assert_close(out[b:b + 1], want, rtol=1e-5, atol=1e-5)
+    written = (pool != before).any(-1)  # (rows, P): slots the step wrote
+    wanted = torch.zeros_like(written)
+    for b, s in enumerate(slots):
+        for kv in range(2):
+            for h in range(n_kv):
+                wanted[((layer * 2 + kv) * n_kv + h) * per_head + s // block_size,
+                       s % block_size] = True
+    assert torch.equal(written, wanted)
+
+
+def test_decode_batch_chunks_cover_each_context_once():
+    """DecodeBatch's chunks: each sequence's blocks in order, CHUNK_BLOCKS to a chunk, the
+    last one padded; every table at least two columns wide (no dimension of size 1)."""
+    c = kernels.CHUNK_BLOCKS
+    tables = [list(range(100, 100 + 2 * c + 1)), [7]]
+    step = kernels.DecodeBatch.build([0, 0], [tables[0], [7] + [0] * 2 * c], [2 * c * 4 + 3, 2],
+                                     block_size=4)
+    assert step.chunk_tables.tolist() == [tables[0][:c], tables[0][c:2 * c],
+                                          [tables[0][2 * c]] * c, [7] * c]
+    assert step.chunk_seq.tolist() == [0, 0, 0, 1]
+    assert step.chunk_start.tolist() == [0, 4 * c, 8 * c, 0]
+    assert step.seq_chunks.tolist() == [[0, 1, 2], [3, 4, 4]]
+    one = kernels.DecodeBatch.build([0], [[7]], [1], block_size=4)
+    assert one.block_tables.shape == (1, 2) and one.seq_chunks.shape == (1, 2)
+
+
 @given(paged_batches())
 def test_invariant_attention_matches_dense(case):
     assert_matches_oracle(kernels.invariant_attention_ref, case)
