@@ -463,19 +463,21 @@ def run_dense(model, seqs, like=None) -> torch.Tensor:
 
 
 
-class CompiledDecode:
-    """The decode step compiled whole (model.Transformer.decode_step: embedding, every layer
-    with its K/V write and attention, LM head) by inductor, with the weights packed in the
-    CPU's own layout (model.pack_weights). The context length is a dynamic dimension, so one
-    graph serves every length; the batch size too, except that a batch of one gets a graph of
-    its own (a compiler specializes dimensions of size 1). Graphs go to inductor's on-disk
-    cache: a later process traces the step again but compiles nothing (see the README for the
-    cost of each). Steps with more than one new token per sequence (prefill, chunks,
-    speculative verification) stay eager."""
+class CompiledSteps:
+    """The engine's steps compiled by inductor, on a CPU. A decode step is compiled whole
+    (model.Transformer.decode_step: embedding, every layer with its K/V write and attention,
+    LM head), with the weights packed in the CPU's own layout (model.pack_weights); the context
+    length is a dynamic dimension, so one graph serves every length, and the batch size too,
+    except that a batch of one gets a graph of its own (a compiler specializes dimensions of
+    size 1). Every other step (prefill, chunks, speculative verification) runs each block's
+    compiled halves around an eager paged attention (Transformer.compile_regions). Graphs go
+    to inductor's on-disk cache: a later process traces the steps again but compiles nothing
+    (see the README for the cost of each)."""
 
     def __init__(self, model, log=None):
         self.log = log
         model_mod.pack_weights(model)
+        model.compile_regions()
         # (dynamo's guards on the model's modules cost 0.45 ms a step; dropping them is not
         # safe: compiled code is cached per function, and another engine's model in the same
         # process would then run this one's graph)
@@ -483,7 +485,22 @@ class CompiledDecode:
         # compiled code is kept per function, two graphs for each engine's model: a process
         # with many engines (a test suite, a benchmark) would pass dynamo's default of 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.graphs = {}  # "1" or "B>1" -> seconds its first call took (tracing, compiling)
+        self.graphs = {}  # "decode 1", "decode 2+" (sequences), "prefill" -> first call's s
+
+    def first(self, graph, what):
+        """Before a graph's first call: say that it compiles. Returns the start time."""
+        if graph not in self.graphs and self.log:
+            self.log(f"compiling {what}: about a minute the first time, seconds once "
+                     f"inductor's cache has it")
+        return time.perf_counter()
+
+    def prefill(self, model, cache, batch, all_logits) -> torch.Tensor:
+        """run_batch, through the blocks' compiled halves."""
+        t = self.first("prefill", "the blocks' halves around attention (prefill)")
+        logits = run_batch(model, cache, batch, all_logits)
+        if sum(n for _, n, _ in batch) > 1:  # (one token takes the eager halves)
+            self.graphs.setdefault("prefill", time.perf_counter() - t)
+        return logits
 
     @staticmethod
     def why_not(llm) -> str:
@@ -509,11 +526,8 @@ class CompiledDecode:
             for dim in range(a.dim()):
                 if a is not step.chunk_tables or dim == 0:  # (but CHUNK_BLOCKS is one)
                     torch._dynamo.maybe_mark_dynamic(a, dim)
-        graph = "1" if len(seqs) == 1 else "B>1"
-        t = time.perf_counter()
-        if graph not in self.graphs and self.log:
-            self.log(f"compiling the decode step (batch {'of 1' if graph == '1' else 'of 2+'}"
-                     f"): about a minute the first time, seconds once inductor's cache has it")
+        graph = "decode 1" if len(seqs) == 1 else "decode 2+"
+        t = self.first(graph, f"the decode step for {'1 sequence' if len(seqs) == 1 else '2+'}")
         with torch.no_grad():
             logits = self.fn(tokens, positions, cache.blocks, *step.tensors())
         self.graphs.setdefault(graph, time.perf_counter() - t)
@@ -567,8 +581,8 @@ class LLM:
     with the same float operations whatever its batch, step or path (fixed-shape products, see
     model.invariant_linear and kernels.invariant_attention): cached == uncached == chunked
     == batched == speculative, bit for bit in any dtype, at the cost the README measures.
-    compile=True runs decode steps through CompiledDecode where it applies (CPU, a cache in
-    the model's dtype, not invariant mode; decode_path says which path runs and why).
+    compile=True runs the steps through CompiledSteps where it applies (CPU, a cache in the
+    model's dtype, not invariant mode; decode_path says which path runs and why).
     prompt_cache: a directory where full blocks of K/V are kept between processes (see
     cache.DiskTier), bounded by prompt_cache_budget (a size: "1GiB"); a prompt maps its
     longest prefix found in the pool, then on disk, and prefills only the rest.
@@ -603,8 +617,8 @@ class LLM:
             self.cache.attach_tiers(salt, host, None if prompt_cache is None else
                                     cache_mod.DiskTier(prompt_cache, disk_budget, salt))
         self.max_batch_tokens = max_batch_tokens
-        why = CompiledDecode.why_not(self) if compile else ""
-        self.compiled = CompiledDecode(self.model) if compile and not why else None
+        why = CompiledSteps.why_not(self) if compile else ""
+        self.compiled = CompiledSteps(self.model) if compile and not why else None
         # which path decode steps take, and why not the compiled one when it was asked for
         self.decode_path = "compiled" if self.compiled else f"eager ({why})" if why else "eager"
         self.peak_blocks = 0  # most blocks in use during the last generate() call
@@ -713,9 +727,10 @@ class LLM:
     def run(self, batch, all_logits=False) -> torch.Tensor:
         """run_batch over this engine's model and cache."""
         self.peak_blocks = max(self.peak_blocks, self.cache.n_used_blocks)
-        if (self.compiled and not (all_logits or self.model.invariant)
-                and all(n == 1 for _, n, _ in batch)):
+        if self.compiled and not all_logits and all(n == 1 for _, n, _ in batch):
             return self.compiled(self.cache, batch)
+        if self.compiled:
+            return self.compiled.prefill(self.model, self.cache, batch, all_logits)
         return run_batch(self.model, self.cache, batch, all_logits)
 
     def postprocess(self, sched, out, batch, logits) -> list:
@@ -795,8 +810,8 @@ def decode_path(llm) -> str:
     """Which path decode steps took: eager, or compiled (with the seconds its graphs' first
     steps took: tracing, and compiling unless inductor's cache had them)."""
     if llm.compiled and llm.compiled.graphs:
-        return (f"compiled decode (first step of each graph: "
-                f"{', '.join(f'{t:.1f} s' for t in llm.compiled.graphs.values())})")
+        return (f"compiled decode (first call of each graph: "
+                f"{', '.join(f'{g} {t:.1f} s' for g, t in llm.compiled.graphs.items())})")
     return f"{llm.decode_path} decode"
 
 

@@ -1008,8 +1008,9 @@ def test_interactive_chat_through_a_terminal(tiny_dir):
 def test_compiled_decode_gives_the_eager_tokens(tiny_dir, arch, config, cli):
     """compile=True in fp32: every request's tokens == the eager engine's, greedy and seeded
     sampling, in a batch whose requests end at different steps (the graph for many sequences,
-    then the one for a single sequence), with windows that slide past the first blocks; then a
-    prefix-cache hit through the compiled step, and the CLI's --compile on the same graphs."""
+    then the one for a single sequence; prompts through the blocks' compiled halves), with
+    windows that slide past the first blocks; then a prefix-cache hit through the compiled
+    step, and the CLI's --compile on the same graphs."""
     path = str(tiny_dir(arch, **config))
     prompts = [[5, 9, 2, 33, 7], [11, 4, 18], [3, 3, 40, 21, 9, 8, 1, 30, 6, 12]]
     params = [SamplingParams(max_new_tokens=20, ignore_eos=True),
@@ -1024,13 +1025,14 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_dir, arch, config, cli):
         assert [o.token_ids for o in got] == [o.token_ids for o in want]
         assert all(o.n_cached_tokens > 0 for o in got[:1]) == (run == 1)
         compiled.cache.check_invariants()
-    assert set(compiled.compiled.graphs) == {"1", "B>1"}
+    assert set(compiled.compiled.graphs) == {"decode 1", "decode 2+", "prefill"}
     code, out, err = cli("--model", path, "--dtype", "float32", "--block-size", "4",
                          "--compile", "--token-ids", "5 9 2 33 7", "--max-new-tokens", "20",
                          "--ignore-eos")
     assert code == 0, err
-    assert "compiling the decode step (batch of 1)" in err
-    assert "| compiled decode (first step of each graph: " in err
+    assert "compiling the decode step for 1 sequence" in err
+    assert "compiling the blocks' halves around attention (prefill)" in err
+    assert "| compiled decode (first call of each graph: prefill " in err
 
 
 def test_compile_gives_way_where_it_cannot_apply(engine, tiny_dir, cli):

@@ -125,7 +125,7 @@ def test_invariant_linear_rows_do_not_depend_on_their_company(dtype):
 
 
 # ------------------------------------------------------------------------------------------
-# the decode step as one traceable function (compiled by generate.CompiledDecode)
+# the decode step as one traceable function (compiled by generate.CompiledSteps)
 
 @pytest.mark.skipif(not M.can_pack(torch.zeros(1, dtype=torch.bfloat16)),
                     reason="oneDNN has no bf16 path on this CPU: nothing is packed here")
@@ -183,6 +183,37 @@ def test_decode_step_equals_the_eager_forward(tmp_path, arch, config, dtype):
     assert torch.allclose(got, want, **tol), (got - want).abs().max()
     assert torch.allclose(pools[1].kv.float(), pools[0].kv.float(), **tol)
     assert not torch.equal(pools[1].kv, before)  # the step wrote its K/V
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compiled_halves_equal_the_eager_blocks(tmp_path, arch):
+    """Transformer.compile_regions: a prefill of two ragged prompts, then a chunk of each that
+    attends to the cached prefix, give the eager model's logits (every token's, fp32) and
+    write the same K/V; the two compiled halves serve every layer and both steps."""
+    make_checkpoint(tmp_path, arch)
+    models = [M.load(tmp_path, torch.float32)[0] for _ in range(2)]
+    models[1].compile_regions()
+    assert models[1].blocks[0].regions is models[1].blocks[-1].regions
+    cfg = models[0].cfg
+    block = 4
+    pools = [KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, 16, block, torch.float32)
+             for _ in range(2)]
+    g = torch.Generator().manual_seed(2)
+    tables = [[3, 9, 0], [12, 5]]
+    for before, n in (([0, 0], [7, 5]), ([7, 5], [3, 2])):  # a prefill, then a chunk of each
+        starts = [0, n[0], n[0] + n[1]]
+        positions = torch.tensor([p for b0, k in zip(before, n) for p in range(b0, b0 + k)])
+        slots = [t[p // block] * block + p % block for t, b0, k in zip(tables, before, n)
+                 for p in range(b0, b0 + k)]
+        width = max(map(len, tables))
+        meta = kernels.AttnMeta.paged(slots, [t + [0] * (width - len(t)) for t in tables],
+                                      [b0 + k for b0, k in zip(before, n)], starts,
+                                      pools[0].pool_shape)
+        tokens = torch.randint(0, cfg.vocab_size, (sum(n),), generator=g)
+        want, got = (m(tokens, positions, meta, p.layers, all_logits=True)
+                     for m, p in zip(models, pools))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pools[1].kv, pools[0].kv, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch, config", [
