@@ -743,7 +743,9 @@ class LLM:
                     rows.append(i)
                     seqs.append(s)
         now = time.perf_counter()
-        for seq, tok in zip(seqs, next_tokens(logits[rows], seqs)):
+        if rows != list(range(len(logits))):  # (a decode step takes every row: no copy)
+            logits = logits[rows]
+        for seq, tok in zip(seqs, next_tokens(logits, seqs)):
             self.take(sched, out, seq, tok, now)
         return seqs
 
