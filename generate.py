@@ -871,8 +871,9 @@ def parse_args(argv):
                          "dtype); costs speed, see the README")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="compile the decode step whole with inductor, weights in the CPU's "
-                         "own layout (CPU only; about 2x faster decode in bf16; the first run "
-                         "compiles for about a minute, later ones trace for several seconds)")
+                         "own layout, and prefill's layers around attention (CPU only; about 2x "
+                         "faster decode in bf16; the first run compiles for about a minute, "
+                         "later ones trace for several seconds)")
     ap.add_argument("--prompt-cache", metavar="DIR", default=None,
                     help="keep every full block of K/V in DIR between runs (safetensors files, "
                          "keyed by SHA-256 over the model setup and the tokens): a repeated "

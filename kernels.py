@@ -796,9 +796,10 @@ class DecodeBatch:
 
     @classmethod
     def build(cls, slots, block_tables, context_lens, block_size, device=None):
-        """From host lists: slots (B,), block_tables (B, max_blocks), context_lens (B,). Every
-        table has at least two columns: a compiler specializes a dimension of size 1, and a
-        batch whose tables all fit one block or one chunk would get a graph of its own."""
+        """From host lists: slots (B,), block_tables (B, max_blocks), context_lens (B,). No
+        size but the batch's is ever 1 (tables at least two columns wide, at least two
+        chunks): a compiler specializes a dimension of size 1, and a step whose contexts all
+        fit one block or one chunk would compile a graph of its own."""
         per_chunk = CHUNK_BLOCKS * block_size
         chunks, owner, start, rows = [], [], [], []
         for b, (table, n) in enumerate(zip(block_tables, context_lens)):
@@ -810,6 +811,8 @@ class DecodeBatch:
                 chunks.append(blocks + blocks[:1] * (CHUNK_BLOCKS - len(blocks)))
                 owner.append(b)
                 start.append(first)
+        if len(chunks) == 1:  # a spare chunk that no sequence reads, so NC is never 1
+            chunks, owner, start = chunks * 2, owner * 2, start * 2
         width = max(2, max(map(len, rows)))
         rows = [r + [len(chunks)] * (width - len(r)) for r in rows]
         tables = [t + t[:1] * (2 - len(t)) for t in block_tables]

@@ -128,7 +128,8 @@ def test_decode_step_attention_matches_dense(n_kv, group, block_size, ctx, windo
 
 def test_decode_batch_chunks_cover_each_context_once():
     """DecodeBatch's chunks: each sequence's blocks in order, CHUNK_BLOCKS to a chunk, the
-    last one padded; every table at least two columns wide (no dimension of size 1)."""
+    last one padded; every table at least two wide or long (no dimension of size 1 but the
+    batch's, on which a compiler would specialize)."""
     c = kernels.CHUNK_BLOCKS
     tables = [list(range(100, 100 + 2 * c + 1)), [7]]
     step = kernels.DecodeBatch.build([0, 0], [tables[0], [7] + [0] * 2 * c], [2 * c * 4 + 3, 2],
@@ -139,7 +140,8 @@ def test_decode_batch_chunks_cover_each_context_once():
     assert step.chunk_start.tolist() == [0, 4 * c, 8 * c, 0]
     assert step.seq_chunks.tolist() == [[0, 1, 2], [3, 4, 4]]
     one = kernels.DecodeBatch.build([0], [[7]], [1], block_size=4)
-    assert one.block_tables.shape == (1, 2) and one.seq_chunks.shape == (1, 2)
+    assert one.block_tables.shape == (1, 2) and one.seq_chunks.tolist() == [[0, 2]]
+    assert one.chunk_tables.shape == (2, c)  # the second one read by no sequence
 
 
 @given(paged_batches())
