@@ -481,7 +481,8 @@ class CompiledSteps:
         # (dynamo's guards on the model's modules cost 0.45 ms a step; dropping them is not
         # safe: compiled code is cached per function, and another engine's model in the same
         # process would then run this one's graph)
-        self.fn = torch.compile(model.decode_step, fullgraph=True)
+        self.fn = torch.compile(model.decode_step, fullgraph=True,
+                                options=model_mod.COMPILE_OPTIONS)
         # compiled code is kept per function, two graphs for each engine's model: a process
         # with many engines (a test suite, a benchmark) would pass dynamo's default of 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
