@@ -279,7 +279,9 @@ def bench_throughput(args):
     """nano-vllm's workload scaled down to a CPU: random token ids, random prompt and output
     lengths, ignore_eos. The peer runs transformers' batched generate on all requests at once
     (left padding; it must generate the longest output for every row, so its rate counts only
-    the tokens that were asked for, like ours)."""
+    the tokens that were asked for, like ours). The three run in interleaved rounds (eager,
+    compiled, transformers, eager, ...; medians), so that a slow spell of a shared machine
+    hits every row alike."""
     if not 1 <= args.in_min <= args.in_max or not 1 <= args.out_min <= args.out_max:
         raise ValueError("need 1 <= --in-min <= --in-max and 1 <= --out-min <= --out-max")
     llm = LLM(args.model, dtype=args.cache_dtype)
@@ -291,44 +293,49 @@ def bench_throughput(args):
     params = [SamplingParams(max_new_tokens=k, ignore_eos=True) for k in out_lens]
     n_out = sum(out_lens)
     compiled = LLM(args.model, dtype=args.cache_dtype, compile=True)
-    ours = {}
-    for name, engine in (("eager", llm), ("compiled", compiled)):
-        if name == "compiled":  # compile the step's graphs first: the rate is the steady one
-            compiled.generate(prompts[:2], SamplingParams(max_new_tokens=2, ignore_eos=True))
-            compiled.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))
-            compiled.cache.forget_cached()
-        t = time.perf_counter()
-        outs = engine.generate(prompts, params)
-        ours[name] = time.perf_counter() - t
-        assert sum(len(o.token_ids) for o in outs) == n_out
-    paths = {name: e.decode_path for name, e in (("eager", llm), ("compiled", compiled))}
-    path = llm.model_path
-    dtype = llm.dtype
-    del llm, compiled
-    hf = load_peer(path, dtype)
+    # compile the steps' graphs first: the rate is the steady one
+    compiled.generate(prompts[:2], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    compiled.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    hf = load_peer(llm.model_path, llm.dtype)
     width = max(in_lens)
     ids = torch.zeros(n, width, dtype=torch.long)
     mask = torch.zeros(n, width, dtype=torch.long)
     for i, pr in enumerate(prompts):  # left padding, as decoder-only batching needs
         ids[i, width - len(pr):] = torch.tensor(pr)
         mask[i, width - len(pr):] = 1
-    t = time.perf_counter()
-    with torch.inference_mode():
-        hf.generate(ids, attention_mask=mask, max_new_tokens=max(out_lens),
-                    min_new_tokens=max(out_lens), do_sample=False, pad_token_id=0)
-    theirs = time.perf_counter() - t
+
+    def ours(engine):
+        engine.cache.forget_cached()  # every round cold
+        outs = engine.generate(prompts, params)
+        assert sum(len(o.token_ids) for o in outs) == n_out
+
+    def theirs():
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=max(out_lens),
+                        min_new_tokens=max(out_lens), do_sample=False, pad_token_id=0)
+    runs = {"eager": lambda: ours(llm), "compiled": lambda: ours(compiled), "hf": theirs}
+    secs = {name: [] for name in runs}
+    for _ in range(args.repeat):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            secs[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(s) for name, s in secs.items()}
+    paths = {"eager": llm.decode_path, "compiled": compiled.decode_path}
     print(f"\nThroughput: {n} requests, prompt {args.in_min}-{args.in_max} and output "
-          f"{args.out_min}-{args.out_max} random tokens, {args.cache_dtype}, ignore_eos. "
-          f"Machine: {machine()}; {isa()}\n")
+          f"{args.out_min}-{args.out_max} random tokens, {args.cache_dtype}, ignore_eos, "
+          f"medians of {args.repeat} interleaved rounds. Machine: {machine()}; {isa()}\n")
     row("engine", "seconds", "output tok/s", "conditions")
     row("---", "---", "---", "---")
-    for name, secs in ours.items():
-        row(f"this engine (continuous batching), {paths[name]} decode", f"{secs:.1f}",
-            f"{n_out / secs:.1f}", f"{n_out} output tokens")
+    for name in paths:
+        row(f"this engine (continuous batching), {paths[name]} decode", f"{med[name]:.1f}",
+            f"{n_out / med[name]:.1f}", f"{n_out} output tokens")
     row(f"transformers {__import__('transformers').__version__} batched generate",
-        f"{theirs:.1f}", f"{n_out / theirs:.1f}", "one padded batch, same requests, dense")
-    for name, secs in ours.items():
-        row(f"ratio {name} / transformers", "", f"{theirs / secs:.2f}x", "same run")
+        f"{med['hf']:.1f}", f"{n_out / med['hf']:.1f}", "one padded batch, same requests, dense")
+    for name in paths:
+        each = sorted(h / s for h, s in zip(secs["hf"], secs[name]))
+        row(f"ratio {name} / transformers", "", f"{med['hf'] / med[name]:.2f}x",
+            f"same rounds; each round {each[0]:.2f}x to {each[-1]:.2f}x")
 
 
 def bench_capacity(args):
