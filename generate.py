@@ -242,8 +242,11 @@ class Scheduled(NamedTuple):
 
 def next_tokens(logits, seqs) -> list:
     """Each sequence's next token from its row of logits (B, V): one batched argmax for the
-    greedy rows (one host sync for the whole batch), the request's own draw for the rest."""
-    greedy = logits.argmax(-1).tolist()
+    greedy rows (one host sync for the whole batch; computed in the graph already when the
+    compiled decode step made the logits: their `greedy` attribute), the request's own draw
+    for the rest."""
+    greedy = getattr(logits, "greedy", None)
+    greedy = (logits.argmax(-1) if greedy is None else greedy).tolist()
     return [g if s.params.temperature == 0 else s.params.draw(row, s.rng)
             for s, g, row in zip(seqs, greedy, logits)]
 
@@ -515,7 +518,8 @@ class CompiledSteps:
         return ""
 
     def __call__(self, cache, batch) -> torch.Tensor:
-        """(B, V) logits of a batch of decode tokens (Scheduled with one token each)."""
+        """(B, V) logits of a batch of decode tokens (Scheduled with one token each), with
+        each row's argmax as their attribute `greedy` (B,) (see next_tokens)."""
         seqs = [seq for seq, _, _ in batch]
         tables = cache.padded_block_tables([s.id for s in seqs])
         step = kernels.DecodeBatch.build([slots[0] for _, _, slots in batch], tables,
@@ -530,7 +534,7 @@ class CompiledSteps:
         graph = "decode 1" if len(seqs) == 1 else "decode 2+"
         t = self.first(graph, f"the decode step for {'1 sequence' if len(seqs) == 1 else '2+'}")
         with torch.no_grad():
-            logits = self.fn(tokens, positions, cache.blocks, *step.tensors())
+            logits, logits.greedy = self.fn(tokens, positions, cache.blocks, *step.tensors())
         self.graphs.setdefault(graph, time.perf_counter() - t)
         cache.mark_written()
         for s in seqs:

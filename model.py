@@ -555,12 +555,14 @@ class Transformer(nn.Module):
         of tensors: what generate.CompiledSteps compiles whole (embedding, every layer with
         its K/V write and attention, LM head). pool: the KV cache as blocks (KVCache.blocks);
         step: a kernels.DecodeBatch's tensors (DecodeBatch.tensors()). Returns fp32 logits
-        (B, V)."""
+        (B, V) and their argmax (B,) (greedy decoding's tokens: in the graph, the argmax is one
+        fused pass over the LM head's output)."""
         per_head = pool.shape[0] // (2 * self.cfg.n_layer * self.cfg.n_kv_head)
         # forward without its inference_mode decorator: a traced graph may not enter inference
         # mode (the caller runs the compiled step under no_grad)
-        return Transformer.forward.__wrapped__(
+        logits = Transformer.forward.__wrapped__(
             self, tokens, positions, kernels.DecodeBatch(*step), (pool, per_head))
+        return logits, logits.argmax(-1)
 
 
 # ------------------------------------------------------------------------------------------

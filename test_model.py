@@ -178,7 +178,8 @@ def test_decode_step_equals_the_eager_forward(tmp_path, arch, config, dtype):
     want = model(tokens, positions, meta, pools[0].layers)
     step = kernels.DecodeBatch.build(slots, padded, contexts, block)
     with torch.no_grad():
-        got = model.decode_step(tokens, positions, pools[1].blocks, *step.tensors())
+        got, greedy = model.decode_step(tokens, positions, pools[1].blocks, *step.tensors())
+    assert torch.equal(greedy, got.argmax(-1))
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.3, rtol=0.05)
     assert torch.allclose(got, want, **tol), (got - want).abs().max()
     assert torch.allclose(pools[1].kv.float(), pools[0].kv.float(), **tol)
