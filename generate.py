@@ -491,11 +491,11 @@ class CompiledSteps:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.graphs = {}  # "decode 1", "decode 2+" (sequences), "prefill" -> first call's s
 
-    def first(self, graph, what):
+    def first(self, graph, what, cost="about a minute"):
         """Before a graph's first call: say that it compiles. Returns the start time."""
         if graph not in self.graphs and self.log:
-            self.log(f"compiling {what}: about a minute the first time, seconds once "
-                     f"inductor's cache has it")
+            self.log(f"compiling {what}: {cost} the first time, seconds once inductor's "
+                     f"cache has it")
         return time.perf_counter()
 
     def prefill(self, model, cache, batch, all_logits) -> torch.Tensor:
@@ -503,7 +503,8 @@ class CompiledSteps:
         ones: see Block.forward)."""
         if sum(n for _, n, _ in batch) == 1:
             return run_batch(model, cache, batch, all_logits)
-        t = self.first("prefill", "the blocks' halves around attention (prefill)")
+        t = self.first("prefill", "the blocks' halves around attention (prefill)",
+                       "several seconds")
         logits = run_batch(model, cache, batch, all_logits)
         self.graphs.setdefault("prefill", time.perf_counter() - t)
         return logits
