@@ -529,8 +529,7 @@ class CompiledSteps:
                                          [s.n_computed + 1 for s in seqs], cache.block_size)
         tokens = torch.tensor([s.tokens[s.n_computed] for s in seqs])
         positions = torch.tensor([s.n_computed for s in seqs])
-        args = (tokens, positions, *step.tensors())
-        for a in args:  # every size a dimension of the graph, not a constant of it
+        for a in (tokens, positions, *step.tensors()):  # every size a dimension of the graph
             for dim in range(a.dim()):
                 if a is not step.chunk_tables or dim == 0:  # (but CHUNK_BLOCKS is one)
                     torch._dynamo.maybe_mark_dynamic(a, dim)

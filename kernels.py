@@ -847,13 +847,18 @@ def decode_step_attention(q, k, v, pool, layer, blocks_per_head, batch: DecodeBa
         return out.to(q.dtype).transpose(0, 1).reshape(n_seq, n_head, d)
     blocks = base[:, None, None] + batch.block_tables[None]                    # (2K, B, n)
     keys, values = pool[blocks].view(2, n_kv, n_seq, -1, d)                    # (K, B, S, D)
-    pos = torch.arange(keys.shape[2], device=q.device)
-    ctx = batch.context_lens[:, None]
-    valid = pos < ctx if not window else (pos < ctx) & (pos > ctx - 1 - window)   # (B, S)
+    valid = visible(torch.arange(keys.shape[2], device=q.device),
+                    batch.context_lens[:, None], window)                        # (B, S)
     scores = (rows_q[:, :, :, None, :] * keys.float()[:, :, None]).sum(-1)     # (K, B, G, S)
     scores = (scores * scale).masked_fill(~valid[None, :, None, :], float("-inf"))
     out = (scores.softmax(-1)[..., None] * values.float()[:, :, None]).sum(-2)  # (K, B, G, D)
     return out.to(q.dtype).transpose(0, 1).reshape(n_seq, n_head, d)
+
+
+def visible(pos, ctx, window):
+    """Which key positions a decode query sees: those before its context's end, and within
+    the last `window` of them when there is a window."""
+    return pos < ctx if not window else (pos < ctx) & (pos > ctx - 1 - window)
 
 
 def decode_chunks(rows_q, pool, base, batch: DecodeBatch, scale, window):
@@ -863,12 +868,11 @@ def decode_chunks(rows_q, pool, base, batch: DecodeBatch, scale, window):
     split-K, the split being a chunk). Each query row of the group is its own product over
     the chunk's keys (G loops that find the keys in the core's cache, where a (G, D) x (D,
     S) matmul per sequence and head is too small to pay). -> (K, B, G, D) fp32."""
-    n_kv, n_seq, n_group, d = rows_q.shape
+    n_kv, _, n_group, d = rows_q.shape
     blocks = base[:, None, None] + batch.chunk_tables[None]                    # (2K, NC, C)
     keys, values = pool[blocks].view(2, n_kv, blocks.shape[1], -1, d)          # (K, NC, CP, D)
-    pos = batch.chunk_start[:, None] + torch.arange(keys.shape[2], device=rows_q.device)
-    ctx = batch.context_lens[batch.chunk_seq][:, None]
-    valid = pos < ctx if not window else (pos < ctx) & (pos > ctx - 1 - window)  # (NC, CP)
+    valid = visible(batch.chunk_start[:, None] + torch.arange(keys.shape[2], device=pool.device),
+                    batch.context_lens[batch.chunk_seq][:, None], window)      # (NC, CP)
     q = rows_q[:, batch.chunk_seq]                                             # (K, NC, G, D)
     keys, values = keys.float(), values.float()
     scores = torch.stack([(q[:, :, g, None, :] * keys).sum(-1) for g in range(n_group)], 2)
@@ -877,12 +881,10 @@ def decode_chunks(rows_q, pool, base, batch: DecodeBatch, scale, window):
     e = torch.exp(scores - torch.where(m == float("-inf"), 0.0, m)[..., None])  # masked: 0
     l = e.sum(-1)
     a = torch.stack([(e[:, :, g, :, None] * values).sum(-2) for g in range(n_group)], 2)
-    # each sequence's chunks, padded with one empty partial (m = -inf, l = 0, a = 0)
-    none = m.new_full((n_kv, 1, n_group), float("-inf"))
-    m = torch.cat([m, none], 1)[:, batch.seq_chunks]                           # (K, B, n, G)
-    l = torch.cat([l, torch.zeros_like(none)], 1)[:, batch.seq_chunks]
-    a = torch.cat([a, torch.zeros_like(none)[..., None].expand(-1, -1, -1, d)], 1)[
-        :, batch.seq_chunks]                                                   # (K, B, n, G, D)
+
+    def per_sequence(x, empty):  # each sequence's chunks, padded with an empty partial
+        return torch.cat([x, x.new_full((n_kv, 1, *x.shape[2:]), empty)], 1)[:, batch.seq_chunks]
+    m, l, a = per_sequence(m, float("-inf")), per_sequence(l, 0.0), per_sequence(a, 0.0)
     w = torch.exp(m - m.amax(2, keepdim=True))                                 # (K, B, n, G)
     return (w[..., None] * a).sum(2) / (w * l).sum(2)[..., None]
 

@@ -389,16 +389,14 @@ class Block(nn.Module):
     def forward(self, x, rope, meta, kv_layer):
         """x (T, C) -> (T, C). rope: rope_rotation's (Llama) or None (GPT-2). kv_layer:
         this layer's (k_cache, v_cache, kv_scales) of the pool, or None (uncached)."""
-        cfg = self.cfg
         n_tok = x.shape[0]
-        n_head, n_kv, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         step = isinstance(meta, kernels.DecodeBatch)  # the compiled decode step
         # around attention, the compiled halves where there are (not in the decode step, which
         # is compiled whole, nor for one token: a compiler would specialize on it)
         attn_in, attn_out = self.regions if self.regions and not step and n_tok > 1 else \
             (Block.attn_in, Block.attn_out)
         q, key, val = attn_in(self, x, rope, step)
-        scale = 1.0 / math.sqrt(d)
+        scale = 1.0 / math.sqrt(q.shape[-1])
         if step:  # kv_layer: (the whole pool as blocks, this layer's index, blocks per head)
             a = kernels.decode_step_attention(q, key, val, *kv_layer, meta, scale, self.window)
         elif kv_layer is None:  # uncached: attend over this call's tokens only
@@ -409,7 +407,7 @@ class Block(nn.Module):
             kernels.store_kv(key, val, k_cache, v_cache, meta, kv_scales)
             attend = kernels.invariant_attention if self.invariant else kernels.paged_attention
             a = attend(q, k_cache, v_cache, meta, scale, kv_scales, self.window)  # (T, H, D)
-        return attn_out(self, x, a.reshape(n_tok, n_head * d), step)           # (T, C)
+        return attn_out(self, x, a.flatten(1), step)                           # (T, C)
 
     def attn_in(self, x, rope, step=False):
         """The block before attention: norm, QKV projection, RoPE. x (T, C) -> q (T, H, D),
