@@ -15,6 +15,7 @@ configuration with its conditions, and the machine it ran on.
     python bench.py speculative  # prompt-lookup speculation vs plain decoding; verify cost
     python bench.py load       # cold process to first token: GGUF and safetensors, vs transformers
     python bench.py invariant  # the cost of invariant mode; the ladder bitwise on the real model
+    python bench.py tp         # tensor parallel: same tokens as one process, 1/N of the KV per rank
     python bench.py all        # every section (kernels only where there is a GPU)
 
 What this is not: a test (tests assert, this measures) or a load generator. Timings on a
@@ -483,6 +484,87 @@ def peak_blocks_of_a_long_generation(n_tokens, window, release, block_size=16) -
 def default_model():
     from model import default_model_path
     return str(default_model_path())
+
+
+# ------------------------------------------------------------------------------------------
+# tensor parallelism: the same output, each rank 1/N of the KV cache
+
+def bench_tp(args):
+    """Every tensor-parallel degree the model splits into (up to --tp-max), against one
+    process, in fp32: the largest logit difference over a scored text, and the same greedy
+    requests (a shared system prompt for prefix hits, a pool tight enough to preempt) token for
+    token; each rank's KV bytes per token against the formula divided by the degree, the blocks
+    a budget holds per rank, and its weights; then tokens/s, interleaved rounds. The ranks are
+    processes talking over gloo: on a CPU of a few cores they share the cores, so speed is not
+    the point here (a machine with several GPUs is)."""
+    from cache import blocks_for_budget, bytes_per_token, parse_budget
+    from model import parallel_degrees
+    path = args.model or default_model()
+    g = torch.Generator().manual_seed(5)
+    bs = 16
+    one = LLM(path, dtype="float32", block_size=bs, n_blocks=1)
+    cfg, vocab = one.cfg, one.cfg.vocab_size
+    degrees = [n for n in parallel_degrees(cfg) if n <= args.tp_max]
+    system = torch.randint(0, vocab, (args.prefix,), generator=g).tolist()
+    prompts = [system + torch.randint(0, vocab, (8,), generator=g).tolist()
+               for _ in range(args.requests)]
+    text = torch.randint(0, vocab, (args.prefill,), generator=g).tolist()
+    per_request = -(-(args.prefix + 8 + args.new) // bs)
+    n_blocks = max(per_request + 1, per_request * args.requests // 2)  # preempts
+    one.close()
+    engines = {n: LLM(path, dtype="float32", block_size=bs, n_blocks=n_blocks, tensor_parallel=n)
+               for n in degrees}
+    p = SamplingParams(max_new_tokens=args.new, ignore_eos=True)
+    outs, scores, preempted, secs, solo = {}, {}, {}, {n: [] for n in degrees}, \
+        {n: [] for n in degrees}
+    for n, llm in engines.items():
+        scores[n] = llm.score(text)
+    for r in range(args.repeat):  # interleaved: every degree in every round
+        for n, llm in engines.items():
+            llm.cache.forget_cached()
+            before = llm.n_preemptions
+            t = time.perf_counter()
+            outs[n] = llm.generate(prompts, p)
+            secs[n].append(time.perf_counter() - t)
+            preempted[n] = llm.n_preemptions - before
+            [o] = llm.generate(prompts[:1], p)
+            solo[n].append((len(o.token_ids) - 1) / o.decode_s)
+    print(f"\nTensor parallel on {os.path.basename(path.rstrip('/'))} ({cfg.n_head} query heads, "
+          f"{cfg.n_kv_head} KV heads, MLP {cfg.n_hidden}, vocabulary {vocab}), fp32, gloo. "
+          f"{args.requests} greedy requests sharing a {args.prefix}-token system prompt, "
+          f"{args.new} new tokens each, a pool of {n_blocks} blocks of {bs} (tight: it "
+          f"preempts); a {args.prefill}-token text scored. Machine: {machine()}\n")
+    row("degree", "KV heads per rank", "max |logit diff| vs 1 process", "requests token-equal",
+        "prompt tokens from cache", "preemptions")
+    row(*["---"] * 6)
+    for n in degrees:
+        same = sum(a.token_ids == b.token_ids for a, b in zip(outs[degrees[0]], outs[n]))
+        row(n, cfg.n_kv_head // n, f"{(scores[n] - scores[degrees[0]]).abs().max().item():.2e}",
+            f"{same}/{args.requests} ({args.new} tokens each)",
+            sum(o.n_cached_tokens for o in outs[n]), preempted[n])
+    budget = parse_budget(args.kv_budget)
+    full = bytes_per_token(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, torch.float32)
+    print(f"\nPer rank, fp32 (formula: 2 x {cfg.n_layer} layers x {cfg.n_kv_head} KV heads x "
+          f"{cfg.head_dim} x 4 bytes = {full:,} bytes/token in one process)\n")
+    row("degree", "KV bytes/token per rank", "formula / degree",
+        f"blocks of {bs} in {args.kv_budget} per rank", "weights per rank (rank 0)")
+    row(*["---"] * 5)
+    for n, llm in engines.items():
+        weights = sum(t.untyped_storage().nbytes() for t in
+                      {t.untyped_storage().data_ptr(): t for t in llm.model.parameters()}.values())
+        row(n, f"{llm.cache.bytes_per_token:,}", f"{full // n:,}",
+            f"{blocks_for_budget(budget, bs, cfg.n_layer, cfg.n_kv_head // n, cfg.head_dim, torch.float32):,}",
+            f"{weights / 2**20:.1f} MiB")
+    n_out = args.requests * args.new
+    print(f"\nSpeed ({args.repeat} interleaved rounds, medians; the ranks share this machine's "
+          f"{os.cpu_count()} cores)\n")
+    row("degree", "requests: seconds", "output tok/s", "batch-1 decode tok/s")
+    row(*["---"] * 4)
+    for n in degrees:
+        med = statistics.median(secs[n])
+        row(n, f"{med:.2f}", f"{n_out / med:.1f}", f"{statistics.median(solo[n]):.1f}")
+    for llm in engines.values():
+        llm.close()
 
 
 # ------------------------------------------------------------------------------------------
@@ -1233,7 +1315,7 @@ def main(argv=None):
     ap.add_argument("what", choices=["engine", "cache", "overhead", "prefix", "throughput",
                                      "capacity", "speculative", "kernels", "memory",
                                      "accuracy", "load", "invariant", "prompt-cache",
-                                     "all"])
+                                     "tp", "all"])
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded)")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--new", type=int, default=64, help="generated tokens for decode rates")
@@ -1275,6 +1357,8 @@ def main(argv=None):
                     help="greedy tokens compared per prompt (accuracy)")
     ap.add_argument("--ppl-tokens", type=int, default=0,
                     help="score only the first N tokens of the text, 0 for all (accuracy)")
+    ap.add_argument("--tp-max", type=int, default=4, help="largest tensor-parallel degree (tp)")
+    ap.add_argument("--kv-budget", default="256MiB", help="KV budget per rank (tp)")
     ap.add_argument("--system-tokens", type=int, default=2000,
                     help="system prompt tokens (prompt-cache)")
     args = ap.parse_args(argv)
@@ -1282,7 +1366,8 @@ def main(argv=None):
                 "capacity": bench_capacity, "throughput": bench_throughput, "cache": bench_cache,
                 "speculative": bench_speculative, "kernels": bench_kernels,
                 "memory": bench_memory, "accuracy": bench_accuracy, "load": bench_load,
-                "invariant": bench_invariant, "prompt-cache": bench_prompt_cache}
+                "invariant": bench_invariant, "prompt-cache": bench_prompt_cache,
+                "tp": bench_tp}
     try:
         for name, run in sections.items():  # `all` runs them in this order
             if name == "kernels" and args.what == "all" and not torch.cuda.is_available():

@@ -406,6 +406,10 @@ class KVCache:
         self.salt: bytes | None = None  # what the tiers' keys are salted with (attach_tiers)
         self.block_key: list[bytes | None] = [None] * n_blocks
         self.n_restored = 0
+        # under tensor parallelism, the other ranks, whose pools hold their share of the heads
+        # in the same blocks: every change this pool's contents get outside a forward pass (a
+        # copy-on-write) is sent there too, by workers.send(op, *args)
+        self.workers = None
         # per sequence
         # seq id -> physical blocks, in order; RELEASED for a block a sliding window left
         self.block_tables: dict[int, list[int]] = {}
@@ -532,11 +536,17 @@ class KVCache:
     def _copy_block(self, src) -> int:
         """Copy-on-write: a private copy of src's contents, every layer, K and V."""
         dst = self._allocate()
+        if self.workers is not None:
+            self.workers.send("copy", src, dst)
+        self.copy_contents(src, dst)
+        self._release(src)
+        return dst
+
+    def copy_contents(self, src, dst):
+        """Block src's K/V (and scales) into block dst, every layer."""
         self.kv[:, :, :, dst] = self.kv[:, :, :, src]
         if self.scales is not None:
             self.scales[:, :, :, dst] = self.scales[:, :, :, src]
-        self._release(src)
-        return dst
 
     # -- sequence operations ----------------------------------------------------------------
 

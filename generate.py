@@ -25,6 +25,9 @@ later recomputes) the newest sequence when the pool runs dry. Speculative decodi
 What this is not: a server (no network front end, no async API). Test: `pytest test_generate.py`.
 """
 import argparse
+import atexit
+import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -32,6 +35,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -49,6 +53,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 import torch
+import torch.distributed as dist
 
 import cache as cache_mod
 import model as model_mod
@@ -427,15 +432,25 @@ def run_batch(model, cache, batch, all_logits=False) -> torch.Tensor:
         slots += seq_slots
         ctx.append(lo + n)
         starts.append(starts[-1] + n)
-    # one host-to-device copy for the whole step, and no wait on the GPU (kernels.upload)
-    meta, (tokens, positions) = kernels.AttnMeta.paged(
-        slots, cache.padded_block_tables([s.id for s, _, _ in batch]), ctx, starts,
-        cache.pool_shape, cache.kv.device, inputs=(tokens, positions))
-    logits = model(tokens, positions, meta, cache.layers, all_logits)
+    packed = (tokens, positions, slots, cache.padded_block_tables([s.id for s, _, _ in batch]),
+              ctx, starts)
+    if cache.workers is not None:  # tensor parallel: every rank runs this pass
+        cache.workers.send("run", packed, all_logits)
+    logits = run_packed(model, cache, packed, all_logits)
     cache.mark_written()
     for seq, n, _ in batch:
         seq.n_computed += n
     return logits
+
+
+def run_packed(model, cache, packed, all_logits=False) -> torch.Tensor:
+    """The model over one packed batch: lists of tokens, positions and slots (T each), the
+    sequences' padded block tables, context lengths and query starts (B + 1)."""
+    tokens, positions, slots, tables, ctx, starts = packed
+    # one host-to-device copy for the whole step, and no wait on the GPU (kernels.upload)
+    meta, (tokens, positions) = kernels.AttnMeta.paged(
+        slots, tables, ctx, starts, cache.pool_shape, cache.kv.device, inputs=(tokens, positions))
+    return model(tokens, positions, meta, cache.layers, all_logits)
 
 
 def run_dense(model, seqs, like=None) -> torch.Tensor:
@@ -453,17 +468,25 @@ def run_dense(model, seqs, like=None) -> torch.Tensor:
         for s in seqs:
             s.n_computed = 0
         return run_batch(model, scratch, batch)
-    dev = next(model.parameters()).device
     starts = [0]
     for s in seqs:
         starts.append(starts[-1] + len(s.tokens))
-    tokens = torch.tensor([t for s in seqs for t in s.tokens], device=dev)
-    positions = torch.tensor([i for s in seqs for i in range(len(s.tokens))], device=dev)
-    logits = model(tokens, positions, kernels.AttnMeta.dense(starts, dev), None)
+    packed = ([t for s in seqs for t in s.tokens], [i for s in seqs for i in range(len(s.tokens))],
+              starts)
+    if like is not None and like.workers is not None:  # tensor parallel: every rank runs it
+        like.workers.send("dense", packed)
+    logits = run_dense_packed(model, packed)
     for s in seqs:
         s.n_computed = len(s.tokens)
     return logits
 
+
+def run_dense_packed(model, packed) -> torch.Tensor:
+    """The model without a cache over lists of tokens and positions and the query starts."""
+    tokens, positions, starts = packed
+    dev = next(model.parameters()).device
+    return model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
+                 kernels.AttnMeta.dense(starts, dev), None)
 
 
 class CompiledSteps:
@@ -514,6 +537,8 @@ class CompiledSteps:
         """Why this engine's decode steps cannot take the compiled path ('' if they can)."""
         if llm.device.type != "cpu":
             return "the compiled step is built for the CPU"
+        if llm.tensor_parallel > 1:
+            return f"tensor parallel {llm.tensor_parallel} runs eager"
         if llm.model.invariant:
             return "invariant mode keeps its own fixed-shape products"
         if llm.cache.scales is not None:
@@ -542,6 +567,229 @@ class CompiledSteps:
         for s in seqs:
             s.n_computed += 1
         return logits
+
+
+# ------------------------------------------------------------------------------------------
+# tensor parallelism: the other ranks follow rank 0's steps
+
+TP_START_TIMEOUT_S = 600  # for every rank to load its share of the weights and join
+
+
+class Workers:
+    """Ranks 1..N-1 of a tensor-parallel engine, as rank 0 sees them. Rank 0 (the process that
+    made the LLM) schedules, keeps the cache's bookkeeping and samples; every rank holds its
+    share of the weights (model.shard) and a pool of its share of the KV heads, in the same
+    blocks as rank 0's pool. Rank 0 broadcasts each operation on pool contents ("run" a packed
+    batch, "dense", "copy" a block, "gather" the pools, "close") and then does it too; the
+    ranks meet in the model's all-reduces. A failure on any rank ends them all: a step half
+    done on some ranks cannot be resumed. Started by the engine (torch.multiprocessing,
+    `spawn`) or by torchrun (LLM under torchrun, below)."""
+
+    def __init__(self, world, procs=()):
+        self.world, self.procs = world, list(procs)
+        self.closed = ""  # why no operation can be sent any more
+        self.depth = 0    # nested step() calls
+        atexit.register(self.close)  # (before multiprocessing's own, which kills daemons)
+
+    @classmethod
+    def spawn(cls, world, setup):
+        """Start ranks 1..world-1 for an engine described by setup (see load_shard), wait
+        until each holds its share, then join the process group as rank 0."""
+        store = dist.TCPStore("127.0.0.1", 0, world, True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=TP_START_TIMEOUT_S))
+        ctx = torch.multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=follow_spawned, args=(rank, world, store.port, setup),
+                             daemon=True, name=f"tensor-parallel rank {rank}")
+                 for rank in range(1, world)]
+        for p in procs:
+            p.start()
+        self = cls(world, procs)
+        deadline = time.monotonic() + TP_START_TIMEOUT_S
+        for rank, p in enumerate(procs, 1):
+            while not store.check([f"ready/{rank}"]):
+                if p.is_alive() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                why = store.get(f"failed/{rank}").decode() if store.check([f"failed/{rank}"]) \
+                    else f"exit code {p.exitcode}" if not p.is_alive() else \
+                    f"not ready after {TP_START_TIMEOUT_S} s"
+                self.closed = f"tensor-parallel rank {rank} did not start: {why}"
+                self.kill()
+                raise RuntimeError(self.closed)
+        join_group(store, 0, world, torch.device(setup["device"]))
+        return self
+
+    @contextlib.contextmanager
+    def step(self):
+        """Around work that every rank must finish together: Ctrl-C waits for its end (a rank
+        interrupted midway would leave the others inside a collective), and any failure ends
+        every rank, with one error naming the rank that ended first."""
+        if self.closed:
+            raise RuntimeError(self.closed)
+        outer = self.depth == 0
+        interrupted = []
+        main = outer and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if main \
+            else None
+        self.depth += 1
+        try:
+            yield
+        except BaseException as e:
+            if not outer:
+                raise
+            raise self.fail(e) from e
+        finally:
+            self.depth -= 1
+            if main:
+                signal.signal(signal.SIGINT, previous)
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def send(self, op, *args):
+        """Broadcast one operation to the other ranks (rank 0 then does it as well)."""
+        with self.step():
+            dist.broadcast_object_list([(op, *args)], src=0)
+
+    def gather(self, t) -> list:
+        """Every rank's tensor like t (this rank's), gathered here, in rank order."""
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        with self.step():
+            dist.gather(t.contiguous(), parts, dst=0)
+        return parts
+
+    def fail(self, e) -> RuntimeError:
+        """After a failure: every rank stopped, and why."""
+        if not self.closed:
+            for p in self.procs:
+                p.join(0.5)  # a rank that died has closed its sockets: wait for its exit code
+            dead = [(rank, p.exitcode) for rank, p in enumerate(self.procs, 1)
+                    if p.exitcode is not None]
+            cause = f"tensor-parallel rank {dead[0][0]} ended (exit code {dead[0][1]})" \
+                if dead else f"a tensor-parallel step failed ({type(e).__name__}: {e})"
+            self.closed = f"{cause}; every rank is stopped: make a new LLM"
+            self.kill()
+        return RuntimeError(self.closed)
+
+    def close(self):
+        """End the other ranks (they leave their loop and exit), then the process group."""
+        if not self.closed:
+            try:
+                self.send("close")
+                for p in self.procs:
+                    p.join(10)
+            except RuntimeError:
+                pass
+            self.closed = "this tensor-parallel engine is closed"
+        self.kill()
+
+    def kill(self):
+        """Every rank that is still running is stopped; the process group goes."""
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        atexit.unregister(self.close)
+
+
+def check_tensor_parallel(n, invariant, prompt_cache, kv_host_budget) -> int:
+    """The degree, refused in one line where it cannot run (the model's own limits are
+    model.check_degree's, once it is loaded)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"tensor_parallel must be a whole number >= 1, got {n!r}")
+    if n > 1:
+        for given, what in ((invariant, "invariant mode"), (prompt_cache, "a prompt cache"),
+                            (kv_host_budget, "a KV host budget")):
+            if given:
+                raise ValueError(f"tensor parallel {n} does not run with {what} yet")
+    return n
+
+
+def follow_under_torchrun(world, model_path, device):
+    """Under torchrun every rank makes the LLM: join the group its variables describe; rank 0
+    goes on to build the engine, the others load their share with rank 0's setup, follow
+    its steps until it closes, and exit."""
+    if int(os.environ["WORLD_SIZE"]) != world:
+        raise ValueError(f"tensor parallel {world} under torchrun with "
+                         f"{os.environ['WORLD_SIZE']} processes: give as many")
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    join_group(None, rank, world, device)
+    if rank == 0:
+        return
+    setup = [None]
+    dist.broadcast_object_list(setup, src=0)
+    follow(*load_shard(rank, world, setup[0]))
+    sys.exit(0)
+
+
+def join_group(store, rank, world, device):
+    """Join the default process group: NCCL on GPUs (one per rank), gloo on CPUs. A rank
+    waits for rank 0's next operation as long as it takes (a chat may sit idle for hours): a
+    rank that dies closes its sockets, which the others see at once."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    hook = sys.excepthook  # (init_process_group prefixes every later traceback with the rank)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(days=30))
+    sys.excepthook = hook
+
+
+def load_shard(rank, world, setup):
+    """Rank's model share and its KV pool, from rank 0's setup: model path, dtype, device,
+    n_blocks, block_size and kv_dtype (rank 0 sized the pool; every rank's has its blocks)."""
+    device = torch.device(setup["device"])
+    if device.type == "cuda":  # one GPU per rank (of this machine, under torchrun)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    model, _ = model_mod.load(setup["model"], setup["dtype"], device)
+    model_mod.shard(model, rank, world)
+    cfg = model.cfg
+    cache = cache_mod.KVCache(cfg.n_layer, cfg.n_kv_head // world, cfg.head_dim,
+                              setup["n_blocks"], setup["block_size"], setup["kv_dtype"], device)
+    return model, cache
+
+
+def follow(model, cache):
+    """A rank other than 0: run every operation rank 0 broadcasts, until "close"."""
+    while True:
+        command = [None]
+        dist.broadcast_object_list(command, src=0)
+        op, *args = command[0]
+        if op == "run":
+            run_packed(model, cache, *args)
+        elif op == "dense":
+            run_dense_packed(model, *args)
+        elif op == "copy":
+            cache.copy_contents(*args)
+        elif op == "gather":
+            dist.gather(cache.kv if args[0] == "kv" else cache.scales, dst=0)
+        elif op == "close":
+            dist.destroy_process_group()
+            return
+        else:
+            raise ValueError(f"unknown tensor-parallel operation {op!r}")
+
+
+def follow_spawned(rank, world, port, setup):
+    """A rank started by Workers.spawn: load its share, say so, join, follow."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle (Workers.step)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the ranks share the cores
+    store = dist.TCPStore("127.0.0.1", port, world, False,
+                          timeout=datetime.timedelta(seconds=TP_START_TIMEOUT_S))
+    try:
+        model, cache = load_shard(rank, world, setup)
+    except Exception as e:
+        store.set(f"failed/{rank}", f"{type(e).__name__}: {e}")
+        sys.exit(1)
+    store.set(f"ready/{rank}", "1")
+    join_group(store, rank, world, cache.kv.device)
+    follow(model, cache)
 
 
 # ------------------------------------------------------------------------------------------
@@ -594,12 +842,19 @@ class LLM:
     cache.DiskTier), bounded by prompt_cache_budget (a size: "1GiB"); a prompt maps its
     longest prefix found in the pool, then on disk, and prefills only the rest.
     kv_host_budget (a size) keeps blocks a GPU pool evicts in pinned host memory, looked up
-    before the disk (cache.HostTier); on a CPU the pool is host memory, and it is skipped."""
+    before the disk (cache.HostTier); on a CPU the pool is host memory, and it is skipped.
+    tensor_parallel=N splits the model over N processes (model.shard: each holds a share of
+    the heads, the MLP and the vocabulary, and a pool of its KV heads only, so kv_budget and
+    cache.bytes_per_token are one rank's); this process is rank 0 and starts the others
+    (Workers), or under torchrun every rank makes the LLM and ranks 1..N-1 follow rank 0's
+    steps inside the constructor, which then exits their process. close() (or a with block,
+    or the interpreter's exit) ends them."""
 
     def __init__(self, model=None, device="cpu", dtype=None, block_size=16, n_blocks=None,
                  kv_budget="256MiB", max_batch_tokens=2048, kv_dtype=None, invariant=False,
                  compile=False, prompt_cache=None, prompt_cache_budget="1GiB",
-                 kv_host_budget=None):
+                 kv_host_budget=None, tensor_parallel=1):
+        self.cache = None  # (close() before the pool exists)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         if block_size < 1 or (n_blocks is not None and n_blocks < 1) or max_batch_tokens < 1:
@@ -608,11 +863,18 @@ class LLM:
         cache_mod.parse_budget(kv_budget, self.device)  # bad input fails before the load
         disk_budget = cache_mod.parse_size(prompt_cache_budget, "prompt cache budget")
         host_budget = kv_host_budget and cache_mod.parse_size(kv_host_budget, "KV host budget")
+        tp = self.tensor_parallel = check_tensor_parallel(
+            tensor_parallel, invariant=invariant, prompt_cache=prompt_cache,
+            kv_host_budget=kv_host_budget)
         self.model_path = str(model if model is not None else model_mod.default_model_path())
+        if tp > 1 and dist.is_torchelastic_launched():
+            follow_under_torchrun(tp, self.model_path, self.device)  # ranks > 0 end there
         self.model, self.tokenizer = model_mod.load(self.model_path, self.dtype, self.device)
         self.model.set_invariant(bool(invariant))
         cfg = self.cfg = self.model.cfg
-        shape = (cfg.n_layer, cfg.n_kv_head, cfg.head_dim)
+        if tp > 1:
+            model_mod.shard(self.model, 0, tp)
+        shape = (cfg.n_layer, cfg.n_kv_head // tp, cfg.head_dim)
         self.cache = cache_mod.KVCache(*shape, n_blocks, block_size, kv_dtype, self.device) \
             if n_blocks else cache_mod.KVCache.from_budget(kv_budget, block_size, *shape,
                                                            cfg.max_seq_len, kv_dtype, self.device)
@@ -624,13 +886,50 @@ class LLM:
             self.cache.attach_tiers(salt, host, None if prompt_cache is None else
                                     cache_mod.DiskTier(prompt_cache, disk_budget, salt))
         self.max_batch_tokens = max_batch_tokens
+        if tp > 1:
+            setup = dict(model=self.model_path, dtype=self.dtype, device=str(self.device),
+                         n_blocks=self.cache.n_blocks, block_size=block_size, kv_dtype=kv_dtype)
+            if dist.is_initialized():  # torchrun's ranks wait in follow_under_torchrun
+                dist.broadcast_object_list([setup], src=0)
+                self.cache.workers = Workers(tp)
+            else:
+                self.cache.workers = Workers.spawn(tp, setup)
         why = CompiledSteps.why_not(self) if compile else ""
         self.compiled = CompiledSteps(self.model) if compile and not why else None
         # which path decode steps take, and why not the compiled one when it was asked for
-        self.decode_path = "compiled" if self.compiled else f"eager ({why})" if why else "eager"
+        self.decode_path = "compiled" if self.compiled else f"eager ({why})" if why else \
+            f"eager, tensor parallel {tp}" if tp > 1 else "eager"
         self.peak_blocks = 0  # most blocks in use during the last generate() call
         self.n_preemptions = 0  # sequences preempted (and later recomputed), ever
         self._next_id = 0
+
+    def close(self):
+        """End a tensor-parallel engine's other ranks (nothing to do for one process). The
+        engine cannot run after it."""
+        if self.cache is not None and self.cache.workers is not None:
+            self.cache.workers.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def kv_shards(self) -> list:
+        """Every rank's KV pool (K/V, and scales if quantized), in rank order, as copies here:
+        under tensor parallelism each holds its share of the KV heads in the same blocks, so
+        they concatenate along the head dimension (2) into the pool one process would hold."""
+        workers = self.cache.workers
+        if workers is None:
+            return [(self.cache.kv.clone(), None if self.cache.scales is None
+                     else self.cache.scales.clone())]
+        workers.send("gather", "kv")
+        kv = workers.gather(self.cache.kv)
+        scales = [None] * len(kv)
+        if self.cache.scales is not None:
+            workers.send("gather", "scales")
+            scales = workers.gather(self.cache.scales)
+        return list(zip(kv, scales))
 
     def cache_salt(self) -> bytes:
         """What a block's K/V depends on besides its tokens: the weights, the config (RoPE
@@ -720,7 +1019,7 @@ class LLM:
         if speculator is None or not speculator.step(self, sched, out):
             batch = sched.schedule()
             logits = self.run(batch) if sched.cache is not None else \
-                run_dense(self.model, [b.seq for b in batch], self.cache)
+                self.run_dense([b.seq for b in batch])
             taken = self.postprocess(sched, out, batch, logits)
             if speculator is not None:
                 speculator.count_plain(taken)
@@ -734,11 +1033,21 @@ class LLM:
     def run(self, batch, all_logits=False) -> torch.Tensor:
         """run_batch over this engine's model and cache."""
         self.peak_blocks = max(self.peak_blocks, self.cache.n_used_blocks)
+        if self.cache.workers is not None:
+            with self.cache.workers.step():
+                return run_batch(self.model, self.cache, batch, all_logits)
         if self.compiled and not all_logits and all(n == 1 for _, n, _ in batch):
             return self.compiled(self.cache, batch)
         if self.compiled:
             return self.compiled.prefill(self.model, self.cache, batch, all_logits)
         return run_batch(self.model, self.cache, batch, all_logits)
+
+    def run_dense(self, seqs) -> torch.Tensor:
+        """run_dense over this engine's model (the uncached baseline)."""
+        if self.cache.workers is not None:
+            with self.cache.workers.step():
+                return run_dense(self.model, seqs, self.cache)
+        return run_dense(self.model, seqs, self.cache)
 
     def postprocess(self, sched, out, batch, logits) -> list:
         """Every sequence whose tokens are all computed takes its next token (its forks start
@@ -890,6 +1199,11 @@ def parse_args(argv):
     ap.add_argument("--kv-host-budget", default=None,
                     help="host memory (a size: 4GiB) for blocks a GPU pool evicts, looked up "
                          "before the prompt cache's disk; skipped on a CPU")
+    ap.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                    help="split the model and its KV cache over N processes (each holds 1/N of "
+                         "the heads, the MLP and the vocabulary; gloo on a CPU, NCCL on GPUs); "
+                         "N must divide the KV heads. Started here, or by torchrun "
+                         "--nproc-per-node N generate.py --tensor-parallel N ...")
     ap.add_argument("--kv-dtype", default="auto", choices=["auto", "int8", "fp8"],
                     help="KV cache storage: the model's dtype, or quantized with one scale per "
                          "vector (int8: half of bf16; fp8 on GPUs of compute capability 8.9+)")
@@ -1017,6 +1331,7 @@ def progress_bar(n_done, n_total, width=30) -> str:
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises from here on
+    llm = None
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -1041,7 +1356,7 @@ def main(argv=None):
                   n_blocks=args.n_blocks, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype,
                   invariant=args.invariant, compile=args.compile,
                   prompt_cache=args.prompt_cache, prompt_cache_budget=args.prompt_cache_budget,
-                  kv_host_budget=args.kv_host_budget)
+                  kv_host_budget=args.kv_host_budget, tensor_parallel=args.tensor_parallel)
         if llm.compiled:
             llm.compiled.log = lambda msg: print(msg, file=sys.stderr, flush=True)
         elif args.compile:
@@ -1085,6 +1400,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        if llm is not None:
+            llm.close()  # a tensor-parallel engine's other ranks end here
     return 0
 
 

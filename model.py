@@ -370,6 +370,7 @@ class Block(nn.Module):
         # keys this layer's queries see: the last `window` positions, or all (0)
         self.window = cfg.window if llama and index in cfg.sliding_layers else 0
         c, h, k, d, f = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_hidden
+        self.n_head, self.n_kv_head = h, k  # this rank's share under tensor parallelism
         self.attn_norm = nn.ParameterDict({"weight": nn.Parameter(torch.empty(c))})
         self.mlp_norm = nn.ParameterDict({"weight": nn.Parameter(torch.empty(c))})
         if not llama:
@@ -385,6 +386,7 @@ class Block(nn.Module):
             self.proj = nn.Linear(f, c)
 
     regions = None  # compiled (attn_in, attn_out), set by Transformer.compile_regions
+    tp = None  # this rank's Shard under tensor parallelism (see shard)
 
     def forward(self, x, rope, meta, kv_layer):
         """x (T, C) -> (T, C). rope: rope_rotation's (Llama) or None (GPT-2). kv_layer:
@@ -414,7 +416,7 @@ class Block(nn.Module):
         k and v (T, K, D)."""
         cfg = self.cfg
         n_tok = x.shape[0]
-        n_head, n_kv, d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        n_head, n_kv, d = self.n_head, self.n_kv_head, cfg.head_dim
         qkv = self.linear(norm(cfg, self.attn_norm, x), self.qkv, step)
         qk, val = qkv.split([(n_head + n_kv) * d, n_kv * d], dim=-1)  # (T, (H+K) D), (T, K D)
         qk = qk.view(n_tok, n_head + n_kv, d)                          # (T, H+K, D)
@@ -448,7 +450,13 @@ class Block(nn.Module):
 
     def linear_residual(self, x, a, lin, step=False):
         """x + a @ W^T (+ b): in eager mode the residual add rides in the matmul (addmm) when
-        unbiased. weight_t is a transposed view made once at load (see Transformer.prepare)."""
+        unbiased. weight_t is a transposed view made once at load (see Transformer.prepare).
+        Under tensor parallelism lin is row-parallel: each rank multiplies its share of the
+        inner dimension, the partial products are summed over the ranks (one all-reduce), and
+        the bias and the residual are added once, after the sum."""
+        if self.tp is not None:
+            y = self.tp.all_reduce(F.linear(a, lin.weight))
+            return x + (y if lin.bias is None else y + lin.bias)
         if lin.bias is None and not (self.invariant or step):
             return torch.addmm(x, a, lin.weight_t)
         return x + self.linear(a, lin, step)
@@ -475,6 +483,7 @@ class Transformer(nn.Module):
         self.rope_scale = rope_scale(cfg) if cfg.arch == "llama" else 1.0
 
     invariant = False
+    tp = None  # this rank's Shard under tensor parallelism (see shard)
 
     def set_invariant(self, on: bool):
         """Invariant mode: fixed-shape products (invariant_linear, the invariant attention)
@@ -526,7 +535,7 @@ class Transformer(nn.Module):
         The decode step passes a kernels.DecodeBatch as meta and kv = (the pool as blocks,
         blocks per head) instead (see decode_step)."""
         step = isinstance(meta, kernels.DecodeBatch)
-        x = self.tok_emb(tokens)                                   # (T, C)
+        x = self.embed(tokens)                                     # (T, C)
         if self.cfg.arch == "gpt2":
             x = x + self.pos_emb(positions)
         rope = None
@@ -546,7 +555,19 @@ class Transformer(nn.Module):
         x = norm(self.cfg, self.norm, x)                           # the costliest matmul
         if self.invariant:
             return invariant_linear(x, self.lm_head.weight).float()
-        return (step_linear(x, self.lm_head) if step else self.lm_head(x)).float()  # (B, V)
+        logits = (step_linear(x, self.lm_head) if step else self.lm_head(x)).float()  # (B, V)
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
+
+    def embed(self, tokens):
+        """(T, C) token embeddings. Under tensor parallelism each rank holds the rows of its
+        share of the vocabulary: it looks up the tokens that fall in it, zeros for the rest,
+        and one all-reduce sums the ranks' rows."""
+        if self.tp is None:
+            return self.tok_emb(tokens)
+        lo, hi = self.tp.vocab
+        mine = (tokens >= lo) & (tokens < hi)
+        x = F.embedding((tokens - lo).clamp(0, hi - lo - 1), self.tok_emb.weight)
+        return self.tp.all_reduce(x.masked_fill(~mine.unsqueeze(1), 0))
 
     def decode_step(self, tokens, positions, pool, *step):
         """One decode step of B sequences (one new token each) as a single traceable function
@@ -555,12 +576,124 @@ class Transformer(nn.Module):
         step: a kernels.DecodeBatch's tensors (DecodeBatch.tensors()). Returns fp32 logits
         (B, V) and their argmax (B,) (greedy decoding's tokens: in the graph, the argmax is one
         fused pass over the LM head's output)."""
-        per_head = pool.shape[0] // (2 * self.cfg.n_layer * self.cfg.n_kv_head)
+        per_head = pool.shape[0] // (2 * self.cfg.n_layer * self.blocks[0].n_kv_head)
         # forward without its inference_mode decorator: a traced graph may not enter inference
         # mode (the caller runs the compiled step under no_grad)
         logits = Transformer.forward.__wrapped__(
             self, tokens, positions, kernels.DecodeBatch(*step), (pool, per_head))
         return logits, logits.argmax(-1)
+
+
+# ------------------------------------------------------------------------------------------
+# tensor parallelism: each rank holds a share of the heads, the MLP and the vocabulary
+#
+# Megatron's layout (as gpt-fast and nano-vllm have it): the QKV and gate/up (GPT-2: fc)
+# projections are split by output rows, column-parallel, so that each rank computes its own
+# heads' Q, K, V, attends with them over its own KV heads' pool, and its own slice of the MLP's
+# hidden units; the output and down (GPT-2: proj) projections are split by input columns,
+# row-parallel, and their partial products are summed over the ranks: two all-reduces a layer
+# (Block.linear_residual). The embedding and the LM head are split by vocabulary rows (one
+# all-reduce in, one all-gather of the logits out). Norms and GPT-2's positions are replicated.
+
+def split(n, world, rank) -> tuple:
+    """[lo, hi) of rank's share of n items cut into world parts whose sizes differ by at most
+    one (the first n % world parts get one more)."""
+    q, r = divmod(n, world)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (rank < r)
+
+
+def parallel_degrees(cfg) -> list:
+    """The tensor-parallel degrees this model splits into: those that divide its KV heads
+    (and so its query heads) and its MLP width."""
+    return [n for n in range(1, cfg.n_kv_head + 1)
+            if cfg.n_kv_head % n == 0 and cfg.n_hidden % n == 0]
+
+
+def check_degree(cfg, world):
+    """One line refusing a degree the model does not split into."""
+    if world not in parallel_degrees(cfg):
+        raise ValueError(f"tensor parallel {world} does not divide this model's "
+                         f"{cfg.n_kv_head} KV heads and MLP width {cfg.n_hidden}: "
+                         f"{', '.join(map(str, parallel_degrees(cfg)))} would")
+
+
+class Shard:
+    """This process's place in a tensor-parallel group: rank `rank` of `world` over
+    torch.distributed's default process group (gloo on a CPU, NCCL on GPUs), and its share of
+    the vocabulary. The model's collectives go through here."""
+
+    def __init__(self, rank, world, vocab_size):
+        self.rank, self.world = rank, world
+        self.vocab = split(vocab_size, world, rank)
+        self.vocab_sizes = [hi - lo for lo, hi in (split(vocab_size, world, r)
+                                                   for r in range(world))]
+
+    def all_reduce(self, x):
+        """x summed over the ranks, in place."""
+        import torch.distributed as dist
+        dist.all_reduce(x)
+        return x
+
+    def gather_vocab(self, logits):
+        """(B, V/N) logits of this rank's vocabulary -> (B, V) of all of it, on every rank
+        (all-gather needs equal sizes: shares one row short are padded and trimmed)."""
+        import torch.distributed as dist
+        width = max(self.vocab_sizes)
+        if logits.shape[1] < width:
+            logits = F.pad(logits, (0, width - logits.shape[1]))
+        parts = [torch.empty_like(logits) for _ in range(self.world)]
+        dist.all_gather(parts, logits.contiguous())
+        return torch.cat([p[:, :n] for p, n in zip(parts, self.vocab_sizes)], dim=1)
+
+
+def _keep(lin, rows=None, cols=None):
+    """Replace lin's weight (and bias) by the given row ranges / column range, copied (the
+    whole tensors are freed). A row-parallel layer (cols) keeps its whole bias: it is added
+    once, after the all-reduce."""
+    def take(t, dim, ranges):
+        return torch.cat([t.narrow(dim, lo, hi - lo) for lo, hi in ranges], dim).contiguous()
+    w = lin.weight
+    if rows is not None:
+        w = take(w, 0, rows)
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(take(lin.bias.data, 0, rows), requires_grad=False)
+    if cols is not None:
+        w = take(w, 1, [cols])
+    lin.weight = nn.Parameter(w.data, requires_grad=False)
+    lin.out_features, lin.in_features = w.shape
+
+
+def shard(model, rank, world):
+    """Keep rank's share of every weight of a loaded model (see the layout above) and route
+    its collectives through a Shard. Returns the model."""
+    cfg = model.cfg
+    check_degree(cfg, world)
+    h, k, d, f = cfg.n_head // world, cfg.n_kv_head // world, cfg.head_dim, cfg.n_hidden // world
+    tp = Shard(rank, world, cfg.vocab_size)
+    q_rows = (rank * h * d, (rank + 1) * h * d)                         # in Q, K, V
+    k_rows = tuple(cfg.n_head * d + r * k * d for r in (rank, rank + 1))
+    v_rows = tuple(x + cfg.n_kv_head * d for x in k_rows)
+    f_rows = (rank * f, (rank + 1) * f)
+    for block in model.blocks:
+        _keep(block.qkv, rows=[q_rows, k_rows, v_rows])
+        _keep(block.out, cols=q_rows)
+        if cfg.arch == "llama":  # gate_up: (2F, C), the gate's rows then the up's
+            _keep(block.gate_up, rows=[f_rows, tuple(x + cfg.n_hidden for x in f_rows)])
+            _keep(block.down, cols=f_rows)
+        else:
+            _keep(block.fc, rows=[f_rows])
+            _keep(block.proj, cols=f_rows)
+        block.n_head, block.n_kv_head, block.tp = h, k, tp
+    lo, hi = tp.vocab
+    tied = model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+    model.tok_emb.weight = nn.Parameter(model.tok_emb.weight[lo:hi].clone(), requires_grad=False)
+    if tied:
+        model.lm_head.weight = model.tok_emb.weight
+    else:
+        _keep(model.lm_head, rows=[(lo, hi)])
+    model.tp = tp
+    return model.prepare()
 
 
 # ------------------------------------------------------------------------------------------

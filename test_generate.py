@@ -1147,3 +1147,74 @@ def test_prompt_cache_survives_damaged_files_and_two_writers(tiny_dir, tmp_path,
     assert code == 0 and "note: --kv-host-budget is skipped on a CPU" in err
     code, _, err = cli("--model", path, "--kv-host-budget", "-3", "--token-ids", "1 2")
     assert code == 2 and err.startswith("error: KV host budget '-3'")
+
+
+# ------------------------------------------------------------------------------------------
+# tensor parallelism: N processes over gloo give one process's tokens, each with 1/N of the KV
+
+TP_LAYOUTS = {  # name: (arch, checkpoint overrides); every head count even, and a 9:3 one
+    "llama-gqa": ("llama", dict(num_attention_heads=8, num_key_value_heads=4)),
+    "gpt2": ("gpt2", {}),
+    "llama-9:3": ("llama", dict(num_attention_heads=9, num_key_value_heads=3, hidden_size=36,
+                                intermediate_size=48)),
+}
+TP_PREFIX = [5, 9, 1, 4, 4, 8, 2, 6, 5, 3, 11, 2]  # three blocks of 4: prefix hits
+
+
+def tp_run(llm, monkeypatch, draft):
+    """What a tensor-parallel engine must reproduce: greedy requests sharing a prefix through
+    a pool tight enough to preempt (with every sampled row of logits), the same requests
+    uncached and speculative (n-gram and a draft model), and a scored sequence."""
+    prompts = [TP_PREFIX + [i, 7, i + 1] for i in range(4)] + [[3, 1, 4, 1, 5, 9, 2, 6]]
+    p = SamplingParams(max_new_tokens=64, ignore_eos=True)
+    rows = record_logits(monkeypatch)
+    before = llm.n_preemptions
+    outs = llm.generate(prompts, p)
+    logits = {k: torch.stack(v) for k, v in rows.items()}
+    monkeypatch.undo()
+    return dict(
+        tokens=[o.token_ids for o in outs], cached=[o.n_cached_tokens for o in outs],
+        preempted=llm.n_preemptions - before, logits=logits,
+        uncached=[o.token_ids for o in llm.generate(prompts[-2:], p, use_cache=False)],
+        ngram=[o.token_ids for o in llm.generate(prompts, p, speculative="ngram")],
+        draft=[o.token_ids for o in llm.generate(prompts[:2], p, speculative=f"draft:{draft}")],
+        score=llm.score(prompts[0] + outs[0].token_ids))
+
+
+@pytest.mark.parametrize("layout,n", [("llama-gqa", 2), ("llama-gqa", 4), ("gpt2", 2),
+                                      ("gpt2", 4), ("llama-9:3", 3)])
+def test_tensor_parallel_gives_one_process_tokens(tiny_dir, monkeypatch, layout, n):
+    """TP n against TP 1 on the same checkpoint and pool: fp32 logits within 1e-5 at every
+    sampled step and over a scored sequence, greedy tokens equal over 64 tokens with prefix
+    hits, preemption, no cache, n-gram and draft speculation; the ranks' pools hold the same
+    blocks (the bookkeeping rank 0 broadcast is every rank's), each 1/n of one process's KV
+    bytes; and the ranks end with the engine."""
+    arch, overrides = TP_LAYOUTS[layout]
+    path = str(tiny_dir(arch, **overrides))
+    kw = dict(dtype="float32", block_size=4, n_blocks=40)
+    one = LLM(path, **kw)
+    want = tp_run(one, monkeypatch, path)
+    with LLM(path, tensor_parallel=n, **kw) as llm:
+        got = tp_run(llm, monkeypatch, path)
+        shards = llm.kv_shards()
+        procs = llm.cache.workers.procs
+        assert len(procs) == n - 1 and all(p.is_alive() for p in procs)
+        assert llm.cache.bytes_per_token * n == one.cache.bytes_per_token
+    assert [p.exitcode for p in procs] == [0] * (n - 1)  # closed: every rank left its loop
+    assert want["preempted"] > 0 and got["preempted"] == want["preempted"]
+    assert want["cached"][1] >= len(TP_PREFIX) and got["cached"] == want["cached"]
+    assert got["tokens"] == want["tokens"] == want["ngram"]
+    assert got["uncached"] == want["tokens"][-2:] and got["ngram"] == want["tokens"]
+    assert got["draft"] == want["tokens"][:2]
+    assert got["logits"].keys() == want["logits"].keys()
+    for k, rows in want["logits"].items():
+        torch.testing.assert_close(got["logits"][k], rows, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["score"], want["score"], atol=1e-5, rtol=0)
+    assert len(shards) == n
+    for kv, _ in shards:
+        assert kv.shape[2] == one.cfg.n_kv_head // n  # (L, 2, K/n, N, P, D)
+        assert kv.nbytes == one.cache.n_blocks * 4 * llm.cache.bytes_per_token
+    torch.testing.assert_close(torch.cat([kv for kv, _ in shards], dim=2), one.cache.kv,
+                               atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="this tensor-parallel engine is closed"):
+        llm.generate([[1, 2]])
