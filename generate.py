@@ -573,6 +573,7 @@ class CompiledSteps:
 # tensor parallelism: the other ranks follow rank 0's steps
 
 TP_START_TIMEOUT_S = 600  # for every rank to load its share of the weights and join
+TP_PEER_ENDED = 3  # the exit code of a rank that stopped because another one ended first
 
 
 class Workers:
@@ -611,7 +612,9 @@ class Workers:
                     time.sleep(0.02)
                     continue
                 why = store.get(f"failed/{rank}").decode() if store.check([f"failed/{rank}"]) \
-                    else f"exit code {p.exitcode}" if not p.is_alive() else \
+                    else f"exit code {p.exitcode}; its error is above (a script that makes a " \
+                    f"tensor-parallel LLM must do so under `if __name__ == \"__main__\":`, " \
+                    f"for the ranks' processes import it)" if not p.is_alive() else \
                     f"not ready after {TP_START_TIMEOUT_S} s"
                 self.closed = f"tensor-parallel rank {rank} did not start: {why}"
                 self.kill()
@@ -662,8 +665,10 @@ class Workers:
         if not self.closed:
             for p in self.procs:
                 p.join(0.5)  # a rank that died has closed its sockets: wait for its exit code
-            dead = [(rank, p.exitcode) for rank, p in enumerate(self.procs, 1)
-                    if p.exitcode is not None]
+            # the rank that ended first, not those that stopped when they saw it go
+            dead = sorted(((p.exitcode == TP_PEER_ENDED, rank, p.exitcode)
+                           for rank, p in enumerate(self.procs, 1) if p.exitcode is not None))
+            dead = [(rank, code) for _, rank, code in dead]
             cause = f"tensor-parallel rank {dead[0][0]} ended (exit code {dead[0][1]})" \
                 if dead else f"a tensor-parallel step failed ({type(e).__name__}: {e})"
             self.closed = f"{cause}; every rank is stopped: make a new LLM"
@@ -789,7 +794,15 @@ def follow_spawned(rank, world, port, setup):
         sys.exit(1)
     store.set(f"ready/{rank}", "1")
     join_group(store, rank, world, cache.kv.device)
-    follow(model, cache)
+    try:
+        follow(model, cache)
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):
+            raise  # this rank's own failure: its traceback
+        # a collective broke: another rank ended, and it (or rank 0) says why
+        print(f"tensor-parallel rank {rank} stops: {str(e).splitlines()[0][:300]}",
+              file=sys.stderr, flush=True)
+        os._exit(TP_PEER_ENDED)  # (no teardown: the broken group's threads would abort it)
 
 
 # ------------------------------------------------------------------------------------------

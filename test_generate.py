@@ -488,7 +488,8 @@ BAD_INPUT = [
     "top_k", "max_new", "kv_budget", "kv_budget_unit", "no_prompt", "no-heads", "no-blocks",
     "no-eps", "no-tokens", "rope", "huge", "config-list", "config-null", "config-bare",
     "config-no-ffn", "config-refused", "unreadable", "kv_budget_huge", "n_blocks_huge",
-    "text_without_tokenizer", "token_ids_not_ints", "token_ids_range", "token_ids_chat"]
+    "text_without_tokenizer", "token_ids_not_ints", "token_ids_range", "token_ids_chat",
+    "tensor_parallel", "tensor_parallel_0"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
@@ -529,6 +530,9 @@ def test_cli_bad_input_is_one_clear_line(tiny_dir, bad_files, cli, case):
         "token_ids_not_ints": (["1 2 x", *m, "--token-ids"], "'1 2 x' is not a list of integers"),
         "token_ids_range": (["1 99999", *m, "--token-ids"], "token id 99999 outside the vocab"),
         "token_ids_chat": (["1 2", *m, "--token-ids", "--chat"], "do not go together"),
+        "tensor_parallel": (["hi", *m, "--tensor-parallel", "4"], "tensor parallel 4 does not "
+                            "divide this model.s 2 KV heads and MLP width 64: 1, 2 would"),
+        "tensor_parallel_0": (["hi", *m, "--tensor-parallel", "0"], "must be a whole number"),
     }[case]
     code, _, err = cli(*args)
     assert code == 2
@@ -1218,3 +1222,122 @@ def test_tensor_parallel_gives_one_process_tokens(tiny_dir, monkeypatch, layout,
                                atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match="this tensor-parallel engine is closed"):
         llm.generate([[1, 2]])
+
+
+def test_bad_tensor_parallel_degrees_are_refused_in_one_line(tiny_dir):
+    path = str(tiny_dir(*TP_LAYOUTS["llama-9:3"][:1], **TP_LAYOUTS["llama-9:3"][1]))
+    with pytest.raises(ValueError, match="^tensor parallel 2 does not divide this model's 3 KV "
+                                         "heads and MLP width 48: 1, 3 would$"):
+        LLM(path, tensor_parallel=2)
+    for bad in (0, -1, True, 2.0, "2"):
+        with pytest.raises(ValueError, match="tensor_parallel must be a whole number >= 1"):
+            LLM(path, tensor_parallel=bad)
+    for kw, what in ((dict(invariant=True), "invariant mode"),
+                     (dict(prompt_cache="somewhere"), "a prompt cache")):
+        with pytest.raises(ValueError, match=f"tensor parallel 3 does not run with {what}"):
+            LLM(path, tensor_parallel=3, **kw)
+
+
+def test_a_tensor_parallel_step_finishes_before_ctrl_c_and_a_failure_ends_it():
+    """Workers.step: Ctrl-C inside waits for the step's end (a rank interrupted midway would
+    leave the others in a collective); an error inside ends the engine, which then refuses
+    every call with the same reason."""
+    workers = gen_mod.Workers(1)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with workers.step():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("the step ran to its end")
+    assert done == ["the step ran to its end"]
+    with pytest.raises(RuntimeError, match=r"a tensor-parallel step failed \(ValueError: boom\)"
+                                           "; every rank is stopped: make a new LLM"):
+        with workers.step():
+            raise ValueError("boom")
+    with pytest.raises(RuntimeError, match="step failed"):
+        workers.send("run")
+
+
+TP_SCRIPT = """
+import os, signal, sys, time
+sys.path.insert(0, {here!r})
+from generate import LLM, SamplingParams
+llm = LLM({path!r}, dtype="float32", block_size=4, n_blocks=40, tensor_parallel={n})
+print("pids", *[p.pid for p in llm.cache.workers.procs], flush=True)
+"""
+
+
+def tp_script(tiny_dir, n, body):
+    """Run a TP engine's script in its own interpreter (a hang or a leak cannot reach this
+    one): (exit code, stdout lines, the ranks' pids)."""
+    arch, overrides = TP_LAYOUTS["llama-gqa"]
+    script = TP_SCRIPT.format(here=str(HERE), path=str(tiny_dir(arch, **overrides)), n=n) + body
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=180)
+    lines = proc.stdout.splitlines()
+    assert lines and lines[0].startswith("pids"), proc.stderr
+    pids = [int(p) for p in lines[0].split()[1:]]
+    return proc.returncode, lines, pids
+
+
+def gone(pid, within=30.0) -> bool:
+    """Whether process pid has exited (or is a zombie no one has reaped yet) within the time."""
+    end = time.monotonic() + within
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                    return True
+        except FileNotFoundError:
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
+
+
+def test_a_rank_that_dies_ends_the_others_with_a_clear_error(tiny_dir):
+    """Rank 3 of 4 killed: the next call fails at once naming it, the other ranks are
+    stopped (no hang), the cache's invariants hold, and every later call says the same."""
+    code, lines, pids = tp_script(tiny_dir, 4, """
+os.kill(llm.cache.workers.procs[-1].pid, signal.SIGKILL)
+t = time.monotonic()
+for _ in range(2):
+    try:
+        llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=8))
+    except RuntimeError as e:
+        print("error", e, flush=True)
+print("seconds", time.monotonic() - t < 30)
+llm.cache.check_invariants()
+print("tables", llm.cache.block_tables, [p.is_alive() for p in llm.cache.workers.procs])
+""")
+    assert code == 0
+    want = "error tensor-parallel rank 3 ended (exit code -9); every rank is stopped: make a " \
+           "new LLM"
+    assert lines[1:] == [want, want, "seconds True", "tables {} [False, False, False]"], lines
+
+
+def test_the_ranks_end_with_rank_0_or_its_interpreter(tiny_dir):
+    """Rank 0 killed outright: its ranks see the closed sockets and exit. Rank 0 leaving
+    without close(): the interpreter's exit ends them, and exits at once."""
+    _, _, pids = tp_script(tiny_dir, 2, "os.kill(os.getpid(), signal.SIGKILL)")
+    assert all(gone(p) for p in pids)
+    t = time.monotonic()
+    code, lines, pids = tp_script(tiny_dir, 4, "print(llm.generate([[1, 2]], SamplingParams("
+                                  "max_new_tokens=2, ignore_eos=True))[0].token_ids)")
+    assert code == 0 and len(lines) == 2 and all(gone(p, 1) for p in pids)
+    assert time.monotonic() - t < 60
+
+
+def test_torchrun_runs_the_cli_tensor_parallel(tiny_dir):
+    """torchrun starts both ranks; rank 0 prints what one process prints, rank 1 serves its
+    steps and exits with it."""
+    arch, overrides = TP_LAYOUTS["llama-gqa"]
+    args = [str(HERE / "generate.py"), "--model", str(tiny_dir(arch, **overrides)), "--dtype",
+            "float32", "--token-ids", "5 9 1 4 4 8", "--max-new-tokens", "24", "--ignore-eos"]
+    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", *args, "--tensor-parallel", "2"],
+                         capture_output=True, text=True, timeout=180)
+    assert one.returncode == two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and one.stdout.strip()
+    assert "| eager, tensor parallel 2 decode |" in two.stderr

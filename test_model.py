@@ -16,6 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 import torch
 import torch.nn.functional as F
 
@@ -345,6 +346,66 @@ def test_sharded_checkpoint_loads_the_same(tmp_path):
     ids = list(range(3, 40))
     torch.testing.assert_close(our_logits(ours, ids), hf(torch.tensor([ids])).logits[0],
                                rtol=1e-4, atol=1e-4)
+
+
+@given(n=st.integers(1, 1000), world=st.integers(1, 9))
+def test_split_cuts_every_item_once_in_near_equal_shares(n, world):
+    shares = [M.split(n, world, r) for r in range(world)]
+    assert shares[0][0] == 0 and shares[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+    sizes = [hi - lo for lo, hi in shares]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_parallel_degrees_divide_the_kv_heads_and_the_mlp():
+    smollm2 = M.LlamaConfig(n_layer=30, n_embd=576, n_head=9, n_kv_head=3, head_dim=64,
+                            n_hidden=1536, vocab_size=49152, max_seq_len=8192)
+    assert M.parallel_degrees(smollm2) == [1, 3]
+    assert M.parallel_degrees(M.LlamaConfig(2, 64, 8, 4, 8, 24, 10, 16)) == [1, 2, 4]
+    assert M.parallel_degrees(M.LlamaConfig(2, 64, 8, 4, 8, 30, 10, 16)) == [1, 2]  # F = 30
+    with pytest.raises(ValueError, match="tensor parallel 2 does not divide this model's 3 KV "
+                                         "heads and MLP width 1536: 1, 3 would"):
+        M.check_degree(smollm2, 2)
+
+
+@pytest.mark.parametrize("arch,overrides,world", [
+    ("llama", dict(num_attention_heads=8, num_key_value_heads=4), 4),
+    ("gpt2", {}, 2), ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2), 2)])
+def test_shards_put_together_are_the_whole_model(tmp_path, arch, overrides, world):
+    """Every rank's weights, put back together along the split (Q, K and V heads and the
+    MLP's rows in rank order, the row-parallel columns, the vocabulary), are the model's;
+    what is replicated is equal, and a tied LM head stays the embedding's share."""
+    make_checkpoint(tmp_path, arch, **overrides)
+    whole, _ = M.load(tmp_path)
+    ranks = [M.shard(M.load(tmp_path)[0], r, world) for r in range(world)]
+    cfg, d = whole.cfg, whole.cfg.head_dim
+    for i, block in enumerate(whole.blocks):
+        parts = [m.blocks[i] for m in ranks]
+        h, k = parts[0].n_head, parts[0].n_kv_head
+        assert (h * world, k * world) == (cfg.n_head, cfg.n_kv_head)
+        for t in ("weight", "bias"):
+            if getattr(block.qkv, t) is None:
+                continue
+            q, key, v = zip(*(getattr(p.qkv, t).split([h * d, k * d, k * d]) for p in parts))
+            assert torch.equal(torch.cat(q + key + v), getattr(block.qkv, t))
+        row_parallel = ("out", "down") if arch != "gpt2" else ("out", "proj")
+        for name in row_parallel:
+            assert torch.equal(torch.cat([getattr(p, name).weight for p in parts], 1),
+                               getattr(block, name).weight)
+            for p in parts:  # a bias is added once, after the all-reduce: whole on every rank
+                assert getattr(p, name).bias is None or \
+                    torch.equal(getattr(p, name).bias, getattr(block, name).bias)
+        if arch != "gpt2":
+            gate, up = zip(*(p.gate_up.weight.chunk(2) for p in parts))
+            assert torch.equal(torch.cat(gate + up), block.gate_up.weight)
+        else:
+            assert torch.equal(torch.cat([p.fc.weight for p in parts]), block.fc.weight)
+            assert torch.equal(torch.cat([p.fc.bias for p in parts]), block.fc.bias)
+        assert all(torch.equal(p.attn_norm["weight"], block.attn_norm["weight"]) for p in parts)
+    assert torch.equal(torch.cat([m.tok_emb.weight for m in ranks]), whole.tok_emb.weight)
+    assert torch.equal(torch.cat([m.lm_head.weight for m in ranks]), whole.lm_head.weight)
+    for m in ranks:
+        assert (m.lm_head.weight is m.tok_emb.weight) == cfg.tie_embeddings
 
 
 def test_hf_tokenizer_matches_transformers(tiny_dir):
