@@ -512,23 +512,33 @@ def bench_tp(args):
     per_request = -(-(args.prefix + 8 + args.new) // bs)
     n_blocks = max(per_request + 1, per_request * args.requests // 2)  # preempts
     one.close()
-    engines = {n: LLM(path, dtype="float32", block_size=bs, n_blocks=n_blocks, tensor_parallel=n)
-               for n in degrees}
     p = SamplingParams(max_new_tokens=args.new, ignore_eos=True)
-    outs, scores, preempted, secs, solo = {}, {}, {}, {n: [] for n in degrees}, \
-        {n: [] for n in degrees}
-    for n, llm in engines.items():
+    outs, scores, preempted, secs, solo, bpt, weights = {}, {}, {}, {}, {}, {}, {}
+
+    def run(n, llm):
+        llm.cache.forget_cached()
+        before = llm.n_preemptions
+        t = time.perf_counter()
+        outs[n] = llm.generate(prompts, p)
+        secs.setdefault(n, []).append(time.perf_counter() - t)
+        preempted[n] = llm.n_preemptions - before
+        [o] = llm.generate(prompts[:1], p)
+        solo.setdefault(n, []).append((len(o.token_ids) - 1) / o.decode_s)
+    def measure(n, llm):
         scores[n] = llm.score(text)
-    for r in range(args.repeat):  # interleaved: every degree in every round
-        for n, llm in engines.items():
-            llm.cache.forget_cached()
-            before = llm.n_preemptions
-            t = time.perf_counter()
-            outs[n] = llm.generate(prompts, p)
-            secs[n].append(time.perf_counter() - t)
-            preempted[n] = llm.n_preemptions - before
-            [o] = llm.generate(prompts[:1], p)
-            solo[n].append((len(o.token_ids) - 1) / o.decode_s)
+        bpt[n] = llm.cache.bytes_per_token
+        weights[n] = sum(t.untyped_storage().nbytes() for t in {
+            t.untyped_storage().data_ptr(): t for t in llm.model.parameters()}.values())
+    one = LLM(path, dtype="float32", block_size=bs, n_blocks=n_blocks)
+    measure(1, one)
+    for n in degrees[1:] or [1]:  # one tensor-parallel engine at a time, beside one process
+        with LLM(path, dtype="float32", block_size=bs, n_blocks=n_blocks,
+                 tensor_parallel=n) as llm:
+            measure(n, llm)
+            for _ in range(args.repeat):  # interleaved rounds
+                run(1, one)
+                if n > 1:
+                    run(n, llm)
     print(f"\nTensor parallel on {os.path.basename(path.rstrip('/'))} ({cfg.n_head} query heads, "
           f"{cfg.n_kv_head} KV heads, MLP {cfg.n_hidden}, vocabulary {vocab}), fp32, gloo. "
           f"{args.requests} greedy requests sharing a {args.prefix}-token system prompt, "
@@ -538,8 +548,8 @@ def bench_tp(args):
         "prompt tokens from cache", "preemptions")
     row(*["---"] * 6)
     for n in degrees:
-        same = sum(a.token_ids == b.token_ids for a, b in zip(outs[degrees[0]], outs[n]))
-        row(n, cfg.n_kv_head // n, f"{(scores[n] - scores[degrees[0]]).abs().max().item():.2e}",
+        same = sum(a.token_ids == b.token_ids for a, b in zip(outs[1], outs[n]))
+        row(n, cfg.n_kv_head // n, f"{(scores[n] - scores[1]).abs().max().item():.2e}",
             f"{same}/{args.requests} ({args.new} tokens each)",
             sum(o.n_cached_tokens for o in outs[n]), preempted[n])
     budget = parse_budget(args.kv_budget)
@@ -549,22 +559,18 @@ def bench_tp(args):
     row("degree", "KV bytes/token per rank", "formula / degree",
         f"blocks of {bs} in {args.kv_budget} per rank", "weights per rank (rank 0)")
     row(*["---"] * 5)
-    for n, llm in engines.items():
-        weights = sum(t.untyped_storage().nbytes() for t in
-                      {t.untyped_storage().data_ptr(): t for t in llm.model.parameters()}.values())
-        row(n, f"{llm.cache.bytes_per_token:,}", f"{full // n:,}",
-            f"{blocks_for_budget(budget, bs, cfg.n_layer, cfg.n_kv_head // n, cfg.head_dim, torch.float32):,}",
-            f"{weights / 2**20:.1f} MiB")
+    for n in degrees:
+        fit = blocks_for_budget(budget, bs, cfg.n_layer, cfg.n_kv_head // n, cfg.head_dim,
+                                torch.float32)
+        row(n, f"{bpt[n]:,}", f"{full // n:,}", f"{fit:,}", f"{weights[n] / 2**20:.1f} MiB")
     n_out = args.requests * args.new
     print(f"\nSpeed ({args.repeat} interleaved rounds, medians; the ranks share this machine's "
           f"{os.cpu_count()} cores)\n")
     row("degree", "requests: seconds", "output tok/s", "batch-1 decode tok/s")
     row(*["---"] * 4)
-    for n in degrees:
+    for n in degrees:  # (degree 1: every round beside every degree)
         med = statistics.median(secs[n])
         row(n, f"{med:.2f}", f"{n_out / med:.1f}", f"{statistics.median(solo[n]):.1f}")
-    for llm in engines.values():
-        llm.close()
 
 
 # ------------------------------------------------------------------------------------------
@@ -1373,8 +1379,8 @@ def main(argv=None):
             if name == "kernels" and args.what == "all" and not torch.cuda.is_available():
                 print("\nkernels: skipped, no CUDA GPU here")
                 continue
-            if name in ("load", "prompt-cache") and args.what == "all":
-                print(f"\n{name}: cold processes, run by name (python bench.py {name})")
+            if name in ("load", "prompt-cache", "tp") and args.what == "all":
+                print(f"\n{name}: processes of its own, run by name (python bench.py {name})")
                 continue
             if args.what in (name, "all"):
                 run(args)

@@ -619,7 +619,32 @@ class Workers:
                 self.closed = f"tensor-parallel rank {rank} did not start: {why}"
                 self.kill()
                 raise RuntimeError(self.closed)
-        join_group(store, 0, world, torch.device(setup["device"]))
+        # joining: a rank that dies now would leave the others waiting for it to connect, so a
+        # watchdog stops them all, which ends the wait here too
+        joined = threading.Event()
+
+        def watch():
+            while not joined.wait(0.05):
+                dead = [(rank, p.exitcode) for rank, p in enumerate(procs, 1)
+                        if not p.is_alive()]
+                if dead:
+                    self.closed = f"tensor-parallel rank {dead[0][0]} ended while the ranks " \
+                                  f"connected (exit code {dead[0][1]})"
+                    for p in procs:
+                        p.terminate()
+                    return
+        watchdog = threading.Thread(target=watch, daemon=True)
+        watchdog.start()
+        try:
+            join_group(store, 0, world, torch.device(setup["device"]))
+        except Exception as e:
+            self.closed = self.closed or f"tensor-parallel ranks did not connect: {e}"
+        finally:
+            joined.set()
+            watchdog.join()
+        if self.closed:
+            self.kill()
+            raise RuntimeError(self.closed)
         return self
 
     @contextlib.contextmanager
@@ -706,6 +731,9 @@ def check_tensor_parallel(n, invariant, prompt_cache, kv_host_budget) -> int:
     model.check_degree's, once it is loaded)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"tensor_parallel must be a whole number >= 1, got {n!r}")
+    if n > 1 and dist.is_initialized() and not dist.is_torchelastic_launched():
+        raise ValueError("another tensor-parallel engine of this process is open: one at a "
+                         "time (close() it first)")
     if n > 1:
         for given, what in ((invariant, "invariant mode"), (prompt_cache, "a prompt cache"),
                             (kv_host_budget, "a KV host budget")):
@@ -744,6 +772,7 @@ def join_group(store, rank, world, device):
     dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(days=30))
     sys.excepthook = hook
+    dist.barrier()  # every rank connected to every other (init returns before that)
 
 
 def load_shard(rank, world, setup):
@@ -793,8 +822,8 @@ def follow_spawned(rank, world, port, setup):
         store.set(f"failed/{rank}", f"{type(e).__name__}: {e}")
         sys.exit(1)
     store.set(f"ready/{rank}", "1")
-    join_group(store, rank, world, cache.kv.device)
     try:
+        join_group(store, rank, world, cache.kv.device)
         follow(model, cache)
     except RuntimeError as e:
         if not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):
@@ -902,7 +931,7 @@ class LLM:
         if tp > 1:
             setup = dict(model=self.model_path, dtype=self.dtype, device=str(self.device),
                          n_blocks=self.cache.n_blocks, block_size=block_size, kv_dtype=kv_dtype)
-            if dist.is_initialized():  # torchrun's ranks wait in follow_under_torchrun
+            if dist.is_torchelastic_launched():  # its ranks wait in follow_under_torchrun
                 dist.broadcast_object_list([setup], src=0)
                 self.cache.workers = Workers(tp)
             else:

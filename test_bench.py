@@ -100,3 +100,21 @@ def test_bench_prompt_cache_times_fresh_processes(tiny_dir, capsys):
     warm = next(r for r in rows if r.startswith("| warm (filled by an earlier process) | "))
     assert cold.split(" | ")[2].startswith("0 of ") and not warm.split(" | ")[2].startswith("0 ")
     assert any(r.startswith("| warm / cold | ") for r in rows) and "bytes per token" in out
+
+
+def test_bench_tp_compares_every_degree_with_one_process(tiny_dir, capsys):
+    """The tp section: every degree the model splits into, the same tokens and logits within
+    float32 rounding of one process, each rank's KV bytes the formula divided by the degree."""
+    path = tiny_dir("llama", num_attention_heads=8, num_key_value_heads=4)
+    assert bench.main(["tp", "--model", str(path), "--repeat", "1", "--new", "8", "--prefix",
+                       "40", "--requests", "4", "--prefill", "16"]) == 0
+    rows = [ln.split(" | ") for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith("| ")]
+    same = {r[0][2:]: r for r in rows if len(r) == 6 and r[0][2:].isdigit()}
+    assert sorted(same) == ["1", "2", "4"]
+    for n, r in same.items():
+        assert r[1] == str(4 // int(n)) and float(r[2]) < 1e-5 and r[3].startswith("4/4 ")
+        assert int(r[4]) > 0 and r[5].rstrip(" |") == same["1"][5].rstrip(" |") != "0"
+    per_rank = {r[0][2:]: r for r in rows if len(r) == 5 and r[0][2:].isdigit()}
+    for n, r in per_rank.items():
+        assert r[1] == r[2] == f"{2 * 2 * 4 * 6 * 4 // int(n):,}"  # 2 L K D 4 bytes / n

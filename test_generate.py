@@ -1204,6 +1204,8 @@ def test_tensor_parallel_gives_one_process_tokens(tiny_dir, monkeypatch, layout,
         procs = llm.cache.workers.procs
         assert len(procs) == n - 1 and all(p.is_alive() for p in procs)
         assert llm.cache.bytes_per_token * n == one.cache.bytes_per_token
+        with pytest.raises(ValueError, match="another tensor-parallel engine of this process"):
+            LLM(path, tensor_parallel=n, **kw)  # one process group per process
     assert [p.exitcode for p in procs] == [0] * (n - 1)  # closed: every rank left its loop
     assert want["preempted"] > 0 and got["preempted"] == want["preempted"]
     assert want["cached"][1] >= len(TP_PREFIX) and got["cached"] == want["cached"]
