@@ -549,7 +549,8 @@ def bench_tp(args):
     row(*["---"] * 6)
     for n in degrees:
         same = sum(a.token_ids == b.token_ids for a, b in zip(outs[1], outs[n]))
-        row(n, cfg.n_kv_head // n, f"{(scores[n] - scores[1]).abs().max().item():.2e}",
+        row(n, cfg.n_kv_head // n, f"{(scores[n] - scores[1]).abs().max().item():.2e} "
+            f"(logits up to {scores[1].abs().max().item():.1f})",
             f"{same}/{args.requests} ({args.new} tokens each)",
             sum(o.n_cached_tokens for o in outs[n]), preempted[n])
     budget = parse_budget(args.kv_budget)
