@@ -1226,6 +1226,30 @@ def test_tensor_parallel_gives_one_process_tokens(tiny_dir, monkeypatch, layout,
         llm.generate([[1, 2]])
 
 
+def test_tensor_parallel_batches_equal_one_process(tiny_dir):
+    """Random batches (prompts sharing prefixes, greedy and seeded sampling, forks) through a
+    small pool in small steps (chunks, preemption): TP 2 gives one process's tokens."""
+    arch, overrides = TP_LAYOUTS["llama-gqa"]
+    path = str(tiny_dir(arch, **overrides))
+    kw = dict(dtype="float32", block_size=4, n_blocks=24, max_batch_tokens=12)
+    one = LLM(path, **kw)
+    with LLM(path, tensor_parallel=2, **kw) as two:
+        @settings(max_examples=max(8, settings.default.max_examples // 2))
+        @given(prompts=st.lists(st.lists(st.integers(3, 6), min_size=1, max_size=20),
+                                min_size=1, max_size=5),
+               n_new=st.integers(1, 24), temperature=st.sampled_from([0.0, 0.8]),
+               n=st.integers(1, 2), seed=st.integers(0, 99))
+        def check(prompts, n_new, temperature, n, seed):
+            p = SamplingParams(max_new_tokens=n_new, temperature=temperature, n=n, seed=seed,
+                               ignore_eos=True)
+            for llm in (one, two):
+                llm.cache.forget_cached()
+            want = [o.token_ids for o in one.generate(prompts, p)]
+            assert [o.token_ids for o in two.generate(prompts, p)] == want
+            two.cache.check_invariants()
+        check()
+
+
 def test_bad_tensor_parallel_degrees_are_refused_in_one_line(tiny_dir):
     path = str(tiny_dir(*TP_LAYOUTS["llama-9:3"][:1], **TP_LAYOUTS["llama-9:3"][1]))
     with pytest.raises(ValueError, match="^tensor parallel 2 does not divide this model's 3 KV "
