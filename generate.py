@@ -670,8 +670,8 @@ class Workers:
             self.depth -= 1
             if main:
                 signal.signal(signal.SIGINT, previous)
-        if interrupted:
-            raise KeyboardInterrupt
+        if interrupted:  # delivered now, to whoever handled it before (a chat stops its reply)
+            signal.raise_signal(signal.SIGINT)
 
     def send(self, op, *args):
         """Broadcast one operation to the other ranks (rank 0 then does it as well)."""

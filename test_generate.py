@@ -1276,6 +1276,15 @@ def test_a_tensor_parallel_step_finishes_before_ctrl_c_and_a_failure_ends_it():
             time.sleep(0.05)
             done.append("the step ran to its end")
     assert done == ["the step ran to its end"]
+    previous = signal.signal(signal.SIGINT, lambda *_: done.append("the chat's handler"))
+    try:  # a chat's own handler (it stops the reply) gets the signal after the step
+        with workers.step():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("the step ran to its end")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert done[1:] == ["the step ran to its end", "the chat's handler"]
     with pytest.raises(RuntimeError, match=r"a tensor-parallel step failed \(ValueError: boom\)"
                                            "; every rank is stopped: make a new LLM"):
         with workers.step():
