@@ -119,3 +119,28 @@ def test_bench_tp_compares_every_degree_with_one_process(tiny_dir, capsys):
     per_rank = {r[0][2:]: r for r in rows if len(r) == 5 and r[0][2:].isdigit()}
     for n, r in per_rank.items():
         assert r[1] == r[2] == f"{2 * 2 * 4 * 6 * 4 // int(n):,}"  # 2 L K D 4 bytes / n
+
+
+@needs_triton
+def test_dev_gpu_check_runs_its_steps_on_a_cpu(tmp_path):
+    """`./dev gpu-check OUT --dry-run`: the steps a lent GPU machine would run (tests, then
+    bench.py kernels), each with its log and a summary line; without --dry-run on a machine
+    with no GPU, one line and exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    here = Path(__file__).parent
+    env = {**__import__("os").environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(here / "dev"), "gpu-check", str(tmp_path), "--dry-run"],
+                          cwd=here, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [ln.split(":")[0] for ln in summary] == ["tests", "kernels"]
+    assert all(": exit 0 in " in ln for ln in summary) and " passed" in summary[0]
+    assert "| smollm2 | 2x20 | " in (tmp_path / "kernels.txt").read_text()
+    assert "torch" in (tmp_path / "env.txt").read_text()
+    if not torch.cuda.is_available():
+        bare = subprocess.run(["bash", str(here / "dev"), "gpu-check", str(tmp_path / "x")],
+                              cwd=here, env=env, capture_output=True, text=True, timeout=120)
+        assert bare.returncode == 2 and bare.stderr.strip() == (
+            "dev: gpu-check needs a CUDA GPU (--dry-run runs its steps on a CPU)")
