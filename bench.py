@@ -16,6 +16,7 @@ configuration with its conditions, and the machine it ran on.
     python bench.py load       # cold process to first token: GGUF and safetensors, vs transformers
     python bench.py invariant  # the cost of invariant mode; the ladder bitwise on the real model
     python bench.py tp         # tensor parallel: same tokens as one process, 1/N of the KV per rank
+    python bench.py gpu        # GPU serving on real shapes: decode GB/s, throughput, cached TTFT
     python bench.py all        # every section (kernels only where there is a GPU)
 
 What this is not: a test (tests assert, this measures) or a load generator. Timings on a
@@ -484,6 +485,170 @@ def peak_blocks_of_a_long_generation(n_tokens, window, release, block_size=16) -
 def default_model():
     from model import default_model_path
     return str(default_model_path())
+
+
+# ------------------------------------------------------------------------------------------
+# GPU serving on real shapes (random weights: speed does not depend on their values)
+
+GPU_SHAPES = {  # transformers LlamaConfig fields of the real models
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True, rope_theta=100000.0),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                       rope_theta=500000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,  # a CPU dry run
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
+}
+
+
+def random_checkpoint(name, dest, dtype, device):
+    """transformers' model of a GPU_SHAPES shape with its own random init, in dtype on device
+    (the peer), saved to dest as a safetensors checkpoint (what the engine loads)."""
+    import transformers
+    cfg = transformers.LlamaConfig(**GPU_SHAPES[name], max_position_embeddings=8192,
+                                   bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            hf = transformers.LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    hf.save_pretrained(dest)
+    return hf
+
+
+def bench_gpu(args):
+    """For each shape: batch-1 decode (tokens/s, and the bytes a step must read, every weight
+    once plus the KV cache, over the step time, as a share of the measured copy bandwidth);
+    serving throughput (random prompt and output lengths, random ids, ignore_eos: nano-vllm's
+    workload); TTFT behind a cached system prompt against cold. Peers in the same run:
+    transformers' generate for batch 1 and its continuous batching (generate_batch) for
+    throughput. On a CPU this is a dry run (--gpu-shapes tiny and small sizes)."""
+    import tempfile
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not 1 <= args.in_min <= args.in_max or not 1 <= args.out_min <= args.out_max:
+        raise ValueError("need 1 <= --in-min <= --in-max and 1 <= --out-min <= --out-max")
+    copy = copy_bandwidth_gbs(device, args.copy_mib << 20)
+    print(f"\nGPU serving, {str(dtype).removeprefix('torch.')}, random weights of real shapes. "
+          f"Device copy bandwidth {copy:.0f} GB/s (read + write). Machine: {machine()}\n")
+    row("shape", "measure", "this engine", "transformers", "ratio", "conditions")
+    row(*["---"] * 6)
+    g = torch.Generator().manual_seed(6)
+    for name in args.gpu_shapes:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = random_checkpoint(name, tmp, dtype, device)
+            llm = LLM(tmp, device=str(device), dtype=dtype, kv_budget=args.gpu_kv_budget)
+            vocab = llm.cfg.vocab_size
+            ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+            # batch 1: the step reads every weight once (a tied head once) and the KV so far
+            n = args.new
+            prompt = ids(16)
+            p = SamplingParams(max_new_tokens=n, ignore_eos=True)
+            llm.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
+            [o] = llm.generate([prompt], p)
+            ours = (n - 1) / o.decode_s
+            weights = sum(t.untyped_storage().nbytes() for t in {
+                t.untyped_storage().data_ptr(): t for t in llm.model.parameters()}.values())
+            step_bytes = weights + llm.cache.bytes_per_token * (16 + n // 2)
+            x = torch.tensor([prompt], device=device)
+            with torch.inference_mode():
+                hf.generate(x, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+                sync(device)
+                t = time.perf_counter()
+                hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                sync(device)
+                theirs = n / (time.perf_counter() - t)
+            row(name, "batch-1 decode tok/s", f"{ours:.1f}", f"{theirs:.1f}",
+                f"{ours / theirs:.2f}x", f"{n} new tokens; transformers generate, eager")
+            row(name, "batch-1 decode, % of copy bandwidth",
+                f"{step_bytes * ours / 1e9:.0f} GB/s = {step_bytes * ours / 1e9 / copy:.0%}",
+                f"{step_bytes * theirs / 1e9 / copy:.0%}", "",
+                f"{step_bytes / 2**20:.0f} MiB a step (weights + KV)")
+            # throughput
+            k = args.requests
+            in_lens = torch.randint(args.in_min, args.in_max + 1, (k,), generator=g).tolist()
+            out_lens = torch.randint(args.out_min, args.out_max + 1, (k,), generator=g).tolist()
+            prompts = [ids(m) for m in in_lens]
+            t = time.perf_counter()
+            outs = llm.generate(prompts, [SamplingParams(max_new_tokens=m, ignore_eos=True)
+                                          for m in out_lens])
+            ours = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+            theirs, how = hf_throughput(hf, prompts, out_lens, device)
+            row(name, "throughput, output tok/s", f"{ours:.0f}", f"{theirs:.0f}",
+                f"{ours / theirs:.2f}x", f"{k} requests, prompts {args.in_min}-{args.in_max}, "
+                f"outputs {args.out_min}-{args.out_max}; transformers {how}")
+            # TTFT behind a cached system prompt
+            system = ids(args.gpu_prefix)
+            one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+            cold, warm = [], []
+            for r in range(args.repeat + 1):
+                question = ids(16)
+                llm.cache.forget_cached()
+                [c] = llm.generate([system + question], one)
+                [w] = llm.generate([system + question[::-1]], one)
+                if r:
+                    cold.append(c.ttft_s)
+                    warm.append(w.ttft_s)
+            med = statistics.median
+            row(name, "TTFT, cached system prompt / cold",
+                f"{med(warm) * 1e3:.1f} / {med(cold) * 1e3:.1f} ms", "",
+                f"{med(warm) / med(cold):.0%}", f"{args.gpu_prefix}-token system prompt, 16 "
+                f"new tokens, {args.repeat} rounds")
+            del hf, llm
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def hf_throughput(hf, prompts, out_lens, device) -> tuple:
+    """transformers' output tokens/s for the same requests, each with its own output length:
+    its continuous batching (the manager behind generate_batch, warmed up first) where the
+    installed version has it, else a padded batched generate (which runs every row to the
+    longest output; only the tokens asked for are counted)."""
+    import transformers
+    gc = transformers.GenerationConfig(max_new_tokens=max(out_lens), do_sample=False,
+                                       eos_token_id=-1, pad_token_id=0)
+    with torch.inference_mode():
+        if hasattr(hf, "init_continuous_batching"):
+            manager = hf.init_continuous_batching(generation_config=gc)
+            manager.start()
+            try:
+                manager.add_request(prompts[0], max_new_tokens=2)
+                manager.get_result(timeout=600)  # its warm-up, untimed
+                t = time.perf_counter()
+                for p, m in zip(prompts, out_lens):
+                    manager.add_request(p, max_new_tokens=m)
+                done = [manager.get_result(timeout=3600) for _ in prompts]
+                elapsed = time.perf_counter() - t
+            finally:
+                manager.stop(block=True)
+            n = sum(len(r.generated_tokens) for r in done if r is not None)
+            if n != sum(out_lens):
+                raise ValueError(f"transformers' continuous batching returned {n} tokens of "
+                                 f"{sum(out_lens)}")
+            return n / elapsed, "continuous batching (each request its own length)"
+        gc.min_new_tokens = max(out_lens)
+        width = max(map(len, prompts))
+        ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        t = time.perf_counter()
+        hf.generate(ids, attention_mask=mask, generation_config=gc)
+        sync(device)
+        return sum(out_lens) / (time.perf_counter() - t), "padded batched generate"
 
 
 # ------------------------------------------------------------------------------------------
@@ -1322,7 +1487,7 @@ def main(argv=None):
     ap.add_argument("what", choices=["engine", "cache", "overhead", "prefix", "throughput",
                                      "capacity", "speculative", "kernels", "memory",
                                      "accuracy", "load", "invariant", "prompt-cache",
-                                     "tp", "all"])
+                                     "tp", "gpu", "all"])
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded)")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--new", type=int, default=64, help="generated tokens for decode rates")
@@ -1365,6 +1530,10 @@ def main(argv=None):
     ap.add_argument("--ppl-tokens", type=int, default=0,
                     help="score only the first N tokens of the text, 0 for all (accuracy)")
     ap.add_argument("--tp-max", type=int, default=4, help="largest tensor-parallel degree (tp)")
+    ap.add_argument("--gpu-shapes", nargs="+", default=["smollm2-135m", "llama-3.2-1b"],
+                    choices=list(GPU_SHAPES), help="model shapes (gpu)")
+    ap.add_argument("--gpu-prefix", type=int, default=4096, help="cached system prompt (gpu)")
+    ap.add_argument("--gpu-kv-budget", default="0.5", help="KV budget (gpu)")
     ap.add_argument("--kv-budget", default="256MiB", help="KV budget per rank (tp)")
     ap.add_argument("--system-tokens", type=int, default=2000,
                     help="system prompt tokens (prompt-cache)")
@@ -1374,11 +1543,12 @@ def main(argv=None):
                 "speculative": bench_speculative, "kernels": bench_kernels,
                 "memory": bench_memory, "accuracy": bench_accuracy, "load": bench_load,
                 "invariant": bench_invariant, "prompt-cache": bench_prompt_cache,
-                "tp": bench_tp}
+                "tp": bench_tp, "gpu": bench_gpu}
     try:
         for name, run in sections.items():  # `all` runs them in this order
-            if name == "kernels" and args.what == "all" and not torch.cuda.is_available():
-                print("\nkernels: skipped, no CUDA GPU here")
+            if name in ("kernels", "gpu") and args.what == "all" and \
+                    not torch.cuda.is_available():
+                print(f"\n{name}: skipped, no CUDA GPU here")
                 continue
             if name in ("load", "prompt-cache", "tp") and args.what == "all":
                 print(f"\n{name}: processes of its own, run by name (python bench.py {name})")

@@ -135,9 +135,13 @@ def test_dev_gpu_check_runs_its_steps_on_a_cpu(tmp_path):
                           cwd=here, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = (tmp_path / "summary.txt").read_text().splitlines()
-    assert [ln.split(":")[0] for ln in summary] == ["tests", "kernels"]
+    assert [ln.split(":")[0] for ln in summary] == ["tests", "kernels", "serving"]
     assert all(": exit 0 in " in ln for ln in summary) and " passed" in summary[0]
     assert "| smollm2 | 2x20 | " in (tmp_path / "kernels.txt").read_text()
+    serving = (tmp_path / "serving.txt").read_text()
+    for measure in ("batch-1 decode tok/s", "batch-1 decode, % of copy bandwidth",
+                    "throughput, output tok/s", "TTFT, cached system prompt / cold"):
+        assert f"| tiny | {measure} | " in serving, measure
     assert "torch" in (tmp_path / "env.txt").read_text()
     if not torch.cuda.is_available():
         bare = subprocess.run(["bash", str(here / "dev"), "gpu-check", str(tmp_path / "x")],
