@@ -569,6 +569,109 @@ class CompiledSteps:
         return logits
 
 
+class StaticDecode:
+    """Decode steps through static buffers, one set per batch-size bucket (1, 2, 4, ... 256):
+    token ids, positions, slots, context lengths and block tables as wide as the model's
+    longest context, all views of one int64 tensor that each step fills in place (on a GPU
+    from one pinned host copy: one transfer, no tensor created). Rows past the batch have slot
+    -1 (written nowhere) and a context of one key; the decode kernel's split count is fixed
+    per bucket. So a step's kernels read every length from these buffers, and on a GPU each
+    bucket's forward pass is captured once as a CUDA graph and then replayed (a capture that
+    fails leaves the bucket uncaptured, said once); on a CPU the same step runs uncaptured,
+    which is what the tests compare with the eager step."""
+
+    BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+    def __init__(self, model, cache, max_seq_len, log=None):
+        self.model, self.cache, self.log = model, cache, log
+        self.width = -(-max_seq_len // cache.block_size)  # blocks of the longest context
+        self.capture = cache.kv.device.type == "cuda"
+        self.sets = {}  # bucket -> (host, device, graph or None, logits of the graph)
+
+    def fits(self, batch) -> bool:
+        return all(n == 1 for _, n, _ in batch) and len(batch) <= self.BUCKETS[-1]
+
+    def buffers(self, b):
+        """[host, device, graph, its logits] of bucket b: host and device are one int64
+        buffer of 4 b + b width, the rows (tokens, positions, slots, context lengths) then
+        the block tables (see views)."""
+        if b not in self.sets:
+            dev = self.cache.kv.device
+            host = torch.zeros(b * (4 + self.width), dtype=torch.int64,
+                               pin_memory=dev.type == "cuda")
+            self.sets[b] = [host, host if dev.type == "cpu" else host.to(dev), None, None]
+        return self.sets[b]
+
+    def views(self, buf, b) -> tuple:
+        """(rows (4, b), tables (b, width)) of a bucket's buffer."""
+        return buf[:4 * b].view(4, b), buf[4 * b:].view(b, self.width)
+
+    def meta(self, b, buf, ctx_host) -> kernels.AttnMeta:
+        """The bucket's attention metadata over its static device buffer."""
+        n_kv, n_blocks, block_size = self.cache.pool_shape
+        rows, tables = self.views(buf, b)
+        splits = 0
+        if self.capture:  # enough splits for the longest context, fixed for the graph
+            splits = kernels.decode_splits(b, n_kv, self.width * block_size,
+                                           kernels.n_multiprocessors(buf.device))
+        return kernels.AttnMeta(rows[2], tables, rows[3], torch.arange(b + 1, device=buf.device),
+                                ctx_host, tuple(range(b + 1)), n_kv, n_blocks, block_size,
+                                padded=True, n_splits=splits)
+
+    def __call__(self, batch) -> torch.Tensor:
+        """(B, V) logits of a batch of decode tokens (Scheduled with one token each)."""
+        seqs = [seq for seq, _, _ in batch]
+        n = len(seqs)
+        b = next(x for x in self.BUCKETS if x >= n)
+        host, dev, graph, logits = self.buffers(b)
+        rows, tables = (v.numpy() for v in self.views(host, b))
+        rows[0, :n] = [s.tokens[s.n_computed] for s in seqs]
+        rows[1, :n] = [s.n_computed for s in seqs]
+        rows[2, :n] = [slots[0] for _, _, slots in batch]
+        rows[3, :n] = [s.n_computed + 1 for s in seqs]
+        rows[:, n:] = [[0], [0], [-1], [1]]  # padding: written nowhere, one key read
+        for i, t in enumerate(self.cache.padded_block_tables([s.id for s in seqs])):
+            tables[i, :len(t)] = t  # (what lies past a context is never read)
+        tables[n:, 0] = 0
+        if dev is not host:
+            dev.copy_(host, non_blocking=True)
+        if graph is not None:
+            graph.replay()
+            logits = logits.clone()  # (the next replay writes over the graph's output)
+        elif self.capture:
+            logits = self.record(b, dev)
+        else:
+            ctx = tuple(rows[3].tolist())
+            r = self.views(dev, b)[0]
+            logits = self.model(r[0], r[1], self.meta(b, dev, ctx), self.cache.layers)
+        self.cache.mark_written()
+        for s in seqs:
+            s.n_computed += 1
+        return logits[:n]
+
+    def record(self, b, dev) -> torch.Tensor:
+        """The bucket's first step on a GPU: run it (on a side stream, as capture wants),
+        then capture it as a CUDA graph. Returns its logits."""
+        meta = self.meta(b, dev, (self.width * self.cache.block_size,) * b)
+        tokens, positions = self.views(dev, b)[0][:2]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            logits = self.model(tokens, positions, meta, self.cache.layers)
+        torch.cuda.current_stream().wait_stream(stream)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = self.model(tokens, positions, meta, self.cache.layers)
+            self.sets[b][2:] = [graph, captured]
+        except Exception as e:  # the step ran uncaptured: say so once, keep going without
+            self.capture = False
+            if self.log:
+                self.log(f"note: CUDA graph capture failed ({type(e).__name__}: {e}); "
+                         f"decode steps run uncaptured")
+        return logits
+
+
 # ------------------------------------------------------------------------------------------
 # tensor parallelism: the other ranks follow rank 0's steps
 
@@ -890,12 +993,15 @@ class LLM:
     cache.bytes_per_token are one rank's); this process is rank 0 and starts the others
     (Workers), or under torchrun every rank makes the LLM and ranks 1..N-1 follow rank 0's
     steps inside the constructor, which then exits their process. close() (or a with block,
-    or the interpreter's exit) ends them."""
+    or the interpreter's exit) ends them.
+    cuda_graphs: decode steps through static buffers (StaticDecode), each batch-size bucket
+    captured as a CUDA graph on a GPU; None means on a GPU (one process, not invariant mode),
+    False turns them off, and True on a CPU runs the same static step uncaptured."""
 
     def __init__(self, model=None, device="cpu", dtype=None, block_size=16, n_blocks=None,
                  kv_budget="256MiB", max_batch_tokens=2048, kv_dtype=None, invariant=False,
                  compile=False, prompt_cache=None, prompt_cache_budget="1GiB",
-                 kv_host_budget=None, tensor_parallel=1):
+                 kv_host_budget=None, tensor_parallel=1, cuda_graphs=None):
         self.cache = None  # (close() before the pool exists)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
@@ -938,9 +1044,16 @@ class LLM:
                 self.cache.workers = Workers.spawn(tp, setup)
         why = CompiledSteps.why_not(self) if compile else ""
         self.compiled = CompiledSteps(self.model) if compile and not why else None
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and tp == 1 and not invariant
+        if cuda_graphs and tp > 1:
+            raise ValueError(f"tensor parallel {tp} does not run with CUDA graphs yet")
+        self.static = StaticDecode(self.model, self.cache, cfg.max_seq_len) \
+            if cuda_graphs and not self.compiled else None
         # which path decode steps take, and why not the compiled one when it was asked for
         self.decode_path = "compiled" if self.compiled else f"eager ({why})" if why else \
-            f"eager, tensor parallel {tp}" if tp > 1 else "eager"
+            f"eager, tensor parallel {tp}" if tp > 1 else \
+            ("CUDA-graph" if self.static.capture else "static-buffer") if self.static else "eager"
         self.peak_blocks = 0  # most blocks in use during the last generate() call
         self.n_preemptions = 0  # sequences preempted (and later recomputed), ever
         self._next_id = 0
@@ -1080,6 +1193,8 @@ class LLM:
                 return run_batch(self.model, self.cache, batch, all_logits)
         if self.compiled and not all_logits and all(n == 1 for _, n, _ in batch):
             return self.compiled(self.cache, batch)
+        if self.static and not all_logits and self.static.fits(batch):
+            return self.static(batch)
         if self.compiled:
             return self.compiled.prefill(self.model, self.cache, batch, all_logits)
         return run_batch(self.model, self.cache, batch, all_logits)
@@ -1241,6 +1356,9 @@ def parse_args(argv):
     ap.add_argument("--kv-host-budget", default=None,
                     help="host memory (a size: 4GiB) for blocks a GPU pool evicts, looked up "
                          "before the prompt cache's disk; skipped on a CPU")
+    ap.add_argument("--eager", action="store_true",
+                    help="decode without CUDA graphs (on a GPU they are on: each batch-size "
+                         "bucket's step captured once, then replayed)")
     ap.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                     help="split the model and its KV cache over N processes (each holds 1/N of "
                          "the heads, the MLP and the vocabulary; gloo on a CPU, NCCL on GPUs); "
@@ -1398,9 +1516,12 @@ def main(argv=None):
                   n_blocks=args.n_blocks, kv_budget=args.kv_budget, kv_dtype=args.kv_dtype,
                   invariant=args.invariant, compile=args.compile,
                   prompt_cache=args.prompt_cache, prompt_cache_budget=args.prompt_cache_budget,
-                  kv_host_budget=args.kv_host_budget, tensor_parallel=args.tensor_parallel)
+                  kv_host_budget=args.kv_host_budget, tensor_parallel=args.tensor_parallel,
+                  cuda_graphs=False if args.eager else None)
         if llm.compiled:
             llm.compiled.log = lambda msg: print(msg, file=sys.stderr, flush=True)
+        if llm.static:
+            llm.static.log = lambda msg: print(msg, file=sys.stderr, flush=True)
         elif args.compile:
             print(f"note: decode runs {llm.decode_path}", file=sys.stderr)
         if args.kv_host_budget and llm.cache.host is None:

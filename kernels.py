@@ -98,6 +98,11 @@ class AttnMeta:
     n_kv_head: int = 0
     n_blocks: int = 0
     block_size: int = 0
+    # a static batch (generate.StaticDecode): rows past its sequences have slot -1 (written
+    # nowhere), and the decode kernel's split count is fixed (a captured graph cannot take
+    # one chosen from host-side lengths); 0: chosen per step
+    padded: bool = False
+    n_splits: int = 0
 
     @classmethod
     def paged(cls, slots, block_tables, context_lens, query_start, pool_shape, device=None,
@@ -293,6 +298,9 @@ def store_kv_ref(k, v, k_cache, v_cache, meta: AttnMeta, kv_scales=None):
     writing into it is the point. kv_scales: (k_scales, v_scales), each (K, N, P), for a
     quantized pool: the vectors are quantized here, on the way in."""
     block, offset = meta.slot_block_offset
+    if meta.padded:  # a static batch's padding rows (slot -1) are written nowhere
+        keep = meta.slot_mapping >= 0
+        k, v, block, offset = k[keep], v[keep], block[keep], offset[keep]
     for x, cache, scales in zip((k, v), (k_cache, v_cache), kv_scales or (None, None)):
         if scales is not None:
             x, s = quantize_ref(x, cache.dtype)                             # (T, K, D), (T, K)
@@ -325,20 +333,22 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scales_ptr, v_sca
                      BLOCK_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
                      QMAX: tl.constexpr, QUANT: tl.constexpr, IS_INT: tl.constexpr):
     """One program per (token, KV head): copy D elements of K and of V into the token's slot
-    (quantizing them, and writing their scales, for an int8 / fp8 pool). Offsets are int64:
-    a pool of 2^31 elements is only 4 GiB of bf16."""
+    (quantizing them, and writing their scales, for an int8 / fp8 pool); a negative slot (a
+    static batch's padding row) is written nowhere. Offsets are int64: a pool of 2^31
+    elements is only 4 GiB of bf16."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-    d = tl.arange(0, BLOCK_D)  # BLOCK_D: D rounded up to a power of two, masked
-    d_ok = d < HEAD_D
-    dst = h * s_ch + block * s_cn + offset * s_cp
-    at = h * s_sh + block * s_sn + offset
-    _store_vector(k_ptr + t * s_kt + h * s_kh, k_cache_ptr + dst, k_scales_ptr + at, d, d_ok,
-                  QMAX, QUANT, IS_INT)
-    _store_vector(v_ptr + t * s_vt + h * s_vh, v_cache_ptr + dst, v_scales_ptr + at, d, d_ok,
-                  QMAX, QUANT, IS_INT)
+    if slot >= 0:
+        block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        d = tl.arange(0, BLOCK_D)  # BLOCK_D: D rounded up to a power of two, masked
+        d_ok = d < HEAD_D
+        dst = h * s_ch + block * s_cn + offset * s_cp
+        at = h * s_sh + block * s_sn + offset
+        _store_vector(k_ptr + t * s_kt + h * s_kh, k_cache_ptr + dst, k_scales_ptr + at, d,
+                      d_ok, QMAX, QUANT, IS_INT)
+        _store_vector(v_ptr + t * s_vt + h * s_vh, v_cache_ptr + dst, v_scales_ptr + at, d,
+                      d_ok, QMAX, QUANT, IS_INT)
 
 
 def store_kv_triton(k, v, k_cache, v_cache, meta: AttnMeta, kv_scales=None):
@@ -758,7 +768,7 @@ def decode_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
 def decode_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None, window=0):
     if use_triton(q):
         return decode_attention_triton(q, k_cache, v_cache, meta, scale, kv_scales,
-                                       window=window)
+                                       n_splits=meta.n_splits or None, window=window)
     return decode_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales, window)
 
 

@@ -1376,3 +1376,58 @@ def test_torchrun_runs_the_cli_tensor_parallel(tiny_dir):
     assert one.returncode == two.returncode == 0, two.stderr
     assert two.stdout == one.stdout and one.stdout.strip()
     assert "| eager, tensor parallel 2 decode |" in two.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# the static-buffer decode step (CUDA graphs on a GPU; uncaptured on a CPU)
+
+def test_static_decode_equals_the_eager_step(tiny_dir, monkeypatch):
+    """Batches of 1-9 sequences (buckets 1 to 16, padding rows), shared prefixes, a pool that
+    may preempt: the static-buffer step gives the eager step's tokens and, at every sampled
+    step, its logits; its padding rows write nothing (the pools end equal)."""
+    @settings(max_examples=max(8, settings.default.max_examples // 2))
+    @given(prompts=st.lists(st.lists(st.integers(3, 6), min_size=1, max_size=14), min_size=1,
+                            max_size=9),
+           n_new=st.integers(1, 20), temperature=st.sampled_from([0.0, 0.9]),
+           seed=st.integers(0, 99), n_blocks=st.sampled_from([20, 200]))
+    def check(prompts, n_new, temperature, seed, n_blocks):
+        eager, static = engines[n_blocks]
+        for llm in (eager, static):
+            llm.cache.forget_cached()
+        p = SamplingParams(max_new_tokens=n_new, temperature=temperature, seed=seed,
+                           ignore_eos=True)
+        rows = record_logits(monkeypatch)
+        try:
+            want = [o.token_ids for o in eager.generate(prompts, p)]
+            got = [o.token_ids for o in static.generate(prompts, p)]
+        finally:
+            monkeypatch.undo()
+        assert got == want
+        for seen in rows.values():
+            for row in seen[1:]:
+                torch.testing.assert_close(row, seen[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(static.cache.kv, eager.cache.kv, atol=1e-5, rtol=0)
+    path = tiny_dir("llama")  # engines of this test only: the pools see the same history
+    engines = {n: [LLM(path, dtype="float32", block_size=4, n_blocks=n, cuda_graphs=graphs)
+                   for graphs in (False, True)] for n in (20, 200)}
+    assert all(s.static is not None and s.decode_path == "static-buffer" and e.static is None
+               for e, s in engines.values())
+    check()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_decode_equals_eager(tiny_dir, dtype):
+    """On a GPU: graphs captured (the summary says so), replayed with other batch
+    compositions and with prefix hits in the batch, give the eager GPU step's tokens."""
+    path = str(tiny_dir("llama"))
+    kw = dict(device="cuda", dtype=dtype, block_size=16, n_blocks=64)
+    eager, graphs = LLM(path, cuda_graphs=False, **kw), LLM(path, **kw)
+    p = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    system = list(range(3, 40))
+    for prompts in ([[5, 6, 7]], [system + [i] for i in range(3)],
+                    [system + [9, i] for i in range(5)] + [[8, 8]]):
+        want = [o.token_ids for o in eager.generate(prompts, p)]
+        assert [o.token_ids for o in graphs.generate(prompts, p)] == want
+    assert graphs.decode_path == "CUDA-graph" and graphs.static.capture
+    assert sum(g is not None for _, _, g, _ in graphs.static.sets.values()) >= 3
