@@ -372,24 +372,30 @@ def test_triton_sliding_window_matches_reference(dtype, case, window, decode, ti
 @needs_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @given(n_tok=st.integers(1, 40), n_kv=st.integers(1, 5), d=st.sampled_from([16, 64, 80, 128]),
-       block_size=st.sampled_from([1, 16, 32]), seed=st.integers(0, 2 ** 16))
-def test_triton_store_kv_writes_exactly_its_slots(dtype, n_tok, n_kv, d, block_size, seed):
+       block_size=st.sampled_from([1, 16, 32]), seed=st.integers(0, 2 ** 16),
+       n_pad=st.integers(0, 3))
+def test_triton_store_kv_writes_exactly_its_slots(dtype, n_tok, n_kv, d, block_size, seed,
+                                                  n_pad):
     """Any number of KV heads, head dims that are not powers of two: the written slots equal
-    the reference's, and every other slot keeps its poison."""
+    the reference's, and every other slot keeps its poison; a static batch's padding rows
+    (slot -1) are written nowhere."""
     dtype = kernel_dtype(dtype)
     g = torch.Generator().manual_seed(seed)
     n_blocks = n_tok // block_size + 3
-    slots = torch.randperm(n_blocks * block_size, generator=g)[:n_tok].to(DEVICE)
+    slots = torch.randperm(n_blocks * block_size, generator=g)[:n_tok]
+    slots = torch.cat([slots, torch.full((n_pad,), -1)])[torch.randperm(n_tok + n_pad,
+                                                                        generator=g)].to(DEVICE)
     # k, v as the model makes them: head-strided views of one fused projection
-    qkv = torch.randn(n_tok, 3 * n_kv, d, generator=g).to(DEVICE, dtype)
+    qkv = torch.randn(n_tok + n_pad, 3 * n_kv, d, generator=g).to(DEVICE, dtype)
     k, v = qkv[:, :n_kv], qkv[:, 2 * n_kv:]
-    meta = kernels.AttnMeta.for_store(slots, block_size)
+    meta = dataclasses.replace(kernels.AttnMeta.for_store(slots, block_size), padded=n_pad > 0)
     caches = [torch.full((n_kv, n_blocks, block_size, d), float("nan"), dtype=dtype,
                          device=DEVICE) for _ in range(4)]
     kernels.store_kv_triton(k, v, caches[0], caches[1], meta)
     kernels.store_kv_ref(k, v, caches[2], caches[3], meta)
     for got, want in zip(caches[:2], caches[2:]):
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        assert (~got.isnan()).all(-1).sum() == n_tok * n_kv  # every vector written once
 
 
 @needs_triton
