@@ -667,3 +667,38 @@ def test_a_gpu_step_never_waits_for_the_device(engine, tiny_dir, monkeypatch, kv
                              "_merge_splits_kernel"}]
     for s in seqs:
         pool.free(s.id)
+
+
+@needs_triton
+def test_a_static_decode_step_never_waits_for_the_device(engine, tiny_dir, monkeypatch):
+    """generate.StaticDecode's step on the meta device (the CUDA path's host code, kernels
+    captured): the buffers filled in place and copied over without a read of a device value
+    or a blocking upload, the padding rows' slots -1, the store and decode kernels launched."""
+    import bench
+    from cache import KVCache
+    from generate import Scheduler, SamplingParams, StaticDecode, run_batch
+    import model as model_mod
+    monkeypatch.setenv("KVCACHE_KERNELS", "triton")
+    model, _ = model_mod.load(tiny_dir("llama"), torch.bfloat16, "meta")
+    cfg = model.cfg
+    pool = KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, n_blocks=32, block_size=16,
+                   dtype=torch.bfloat16, device="meta")
+    seqs = engine("llama").make_sequences([list(range(1, 40)), list(range(5, 25)), [3, 4]],
+                                          SamplingParams())
+    sched = Scheduler(pool, 256)
+    sched.add(seqs)
+    with bench.kernels_captured():
+        run_batch(model, pool, sched.schedule())  # the prefill
+    for s in seqs:
+        s.tokens.append(7)
+    static = StaticDecode(model, pool, cfg.max_seq_len)
+    host, dev, _, _ = static.buffers(4)  # (made once, on the bucket's first step)
+    with bench.kernels_captured() as launches, HostSyncGuard() as guard:
+        static(sched.schedule())
+    assert guard.uploads == 0
+    assert [k.__name__ for k, _, _ in launches] == \
+        ["_store_kv_kernel", "_decode_attention_kernel", "_merge_splits_kernel"] * cfg.n_layer
+    rows, tables = static.views(host, 4)
+    assert rows[2, 3] == -1 and rows[3, 3] == 1 and tables.shape == (4, static.width)
+    for s in seqs:
+        pool.free(s.id)
