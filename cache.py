@@ -410,6 +410,7 @@ class KVCache:
         # in the same blocks: every change this pool's contents get outside a forward pass (a
         # copy-on-write) is sent there too, by workers.send(op, *args)
         self.workers = None
+        self.role = "main"  # which of their pools it is: "main", or "scratch" (generate.run_dense)
         # per sequence
         # seq id -> physical blocks, in order; RELEASED for a block a sliding window left
         self.block_tables: dict[int, list[int]] = {}
@@ -537,7 +538,7 @@ class KVCache:
         """Copy-on-write: a private copy of src's contents, every layer, K and V."""
         dst = self._allocate()
         if self.workers is not None:
-            self.workers.send("copy", src, dst)
+            self.workers.send("copy", src, dst, self.role)
         self.copy_contents(src, dst)
         self._release(src)
         return dst

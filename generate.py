@@ -435,7 +435,7 @@ def run_batch(model, cache, batch, all_logits=False) -> torch.Tensor:
     packed = (tokens, positions, slots, cache.padded_block_tables([s.id for s, _, _ in batch]),
               ctx, starts)
     if cache.workers is not None:  # tensor parallel: every rank runs this pass
-        cache.workers.send("run", packed, all_logits)
+        cache.workers.send("run", packed, all_logits, cache.role)
     logits = run_packed(model, cache, packed, all_logits)
     cache.mark_written()
     for seq, n, _ in batch:
@@ -461,9 +461,12 @@ def run_dense(model, seqs, like=None) -> torch.Tensor:
     if model.invariant:
         cfg = model.cfg
         p = like.block_size
-        scratch = cache_mod.KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim,
-                                    sum(-(-len(s.tokens) // p) for s in seqs), p, like.dtype,
-                                    like.kv.device)
+        n_blocks = sum(-(-len(s.tokens) // p) for s in seqs)
+        scratch = cache_mod.KVCache(cfg.n_layer, like.n_kv_head, cfg.head_dim, n_blocks, p,
+                                    like.dtype, like.kv.device)
+        if like.workers is not None:  # tensor parallel: every rank makes the same scratch pool
+            like.workers.send("scratch", n_blocks)
+            scratch.workers, scratch.role = like.workers, "scratch"
         batch = [(s, len(s.tokens), scratch.append(s.id, s.tokens)) for s in seqs]
         for s in seqs:
             s.n_computed = 0
@@ -829,7 +832,7 @@ class Workers:
         atexit.unregister(self.close)
 
 
-def check_tensor_parallel(n, invariant, prompt_cache, kv_host_budget) -> int:
+def check_tensor_parallel(n, prompt_cache, kv_host_budget) -> int:
     """The degree, refused in one line where it cannot run (the model's own limits are
     model.check_degree's, once it is loaded)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -838,7 +841,7 @@ def check_tensor_parallel(n, invariant, prompt_cache, kv_host_budget) -> int:
         raise ValueError("another tensor-parallel engine of this process is open: one at a "
                          "time (close() it first)")
     if n > 1:
-        for given, what in ((invariant, "invariant mode"), (prompt_cache, "a prompt cache"),
+        for given, what in ((prompt_cache, "a prompt cache"),
                             (kv_host_budget, "a KV host budget")):
             if given:
                 raise ValueError(f"tensor parallel {n} does not run with {what} yet")
@@ -880,12 +883,13 @@ def join_group(store, rank, world, device):
 
 def load_shard(rank, world, setup):
     """Rank's model share and its KV pool, from rank 0's setup: model path, dtype, device,
-    n_blocks, block_size and kv_dtype (rank 0 sized the pool; every rank's has its blocks)."""
+    n_blocks, block_size, kv_dtype (rank 0 sized the pool; every rank's has its blocks) and
+    invariant mode."""
     device = torch.device(setup["device"])
     if device.type == "cuda":  # one GPU per rank (of this machine, under torchrun)
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     model, _ = model_mod.load(setup["model"], setup["dtype"], device)
-    model_mod.shard(model, rank, world)
+    model_mod.shard(model, rank, world).set_invariant(setup["invariant"])
     cfg = model.cfg
     cache = cache_mod.KVCache(cfg.n_layer, cfg.n_kv_head // world, cfg.head_dim,
                               setup["n_blocks"], setup["block_size"], setup["kv_dtype"], device)
@@ -894,16 +898,23 @@ def load_shard(rank, world, setup):
 
 def follow(model, cache):
     """A rank other than 0: run every operation rank 0 broadcasts, until "close"."""
+    pools = {"main": cache}  # and the uncached baseline's scratch pool in invariant mode
     while True:
         command = [None]
         dist.broadcast_object_list(command, src=0)
         op, *args = command[0]
         if op == "run":
-            run_packed(model, cache, *args)
+            packed, all_logits, role = args
+            run_packed(model, pools[role], packed, all_logits)
         elif op == "dense":
             run_dense_packed(model, *args)
         elif op == "copy":
-            cache.copy_contents(*args)
+            src, dst, role = args
+            pools[role].copy_contents(src, dst)
+        elif op == "scratch":
+            pools["scratch"] = cache_mod.KVCache(
+                cache.n_layer, cache.n_kv_head, cache.head_dim, args[0], cache.block_size,
+                cache.dtype, cache.kv.device)
         elif op == "gather":
             dist.gather(cache.kv if args[0] == "kv" else cache.scales, dst=0)
         elif op == "close":
@@ -1012,8 +1023,7 @@ class LLM:
         disk_budget = cache_mod.parse_size(prompt_cache_budget, "prompt cache budget")
         host_budget = kv_host_budget and cache_mod.parse_size(kv_host_budget, "KV host budget")
         tp = self.tensor_parallel = check_tensor_parallel(
-            tensor_parallel, invariant=invariant, prompt_cache=prompt_cache,
-            kv_host_budget=kv_host_budget)
+            tensor_parallel, prompt_cache=prompt_cache, kv_host_budget=kv_host_budget)
         self.model_path = str(model if model is not None else model_mod.default_model_path())
         if tp > 1 and dist.is_torchelastic_launched():
             follow_under_torchrun(tp, self.model_path, self.device)  # ranks > 0 end there
@@ -1036,7 +1046,8 @@ class LLM:
         self.max_batch_tokens = max_batch_tokens
         if tp > 1:
             setup = dict(model=self.model_path, dtype=self.dtype, device=str(self.device),
-                         n_blocks=self.cache.n_blocks, block_size=block_size, kv_dtype=kv_dtype)
+                         n_blocks=self.cache.n_blocks, block_size=block_size, kv_dtype=kv_dtype,
+                         invariant=self.model.invariant)
             if dist.is_torchelastic_launched():  # its ranks wait in follow_under_torchrun
                 dist.broadcast_object_list([setup], src=0)
                 self.cache.workers = Workers(tp)

@@ -455,7 +455,8 @@ class Block(nn.Module):
         inner dimension, the partial products are summed over the ranks (one all-reduce), and
         the bias and the residual are added once, after the sum."""
         if self.tp is not None:
-            y = self.tp.all_reduce(F.linear(a, lin.weight))
+            y = invariant_linear(a, lin.weight) if self.invariant else F.linear(a, lin.weight)
+            y = self.tp.all_reduce(y, ordered=self.invariant)
             return x + (y if lin.bias is None else y + lin.bias)
         if lin.bias is None and not (self.invariant or step):
             return torch.addmm(x, a, lin.weight_t)
@@ -554,8 +555,9 @@ class Transformer(nn.Module):
             x = x[meta.last_token_index]                           # (B, C): the LM head is
         x = norm(self.cfg, self.norm, x)                           # the costliest matmul
         if self.invariant:
-            return invariant_linear(x, self.lm_head.weight).float()
-        logits = (step_linear(x, self.lm_head) if step else self.lm_head(x)).float()  # (B, V)
+            logits = invariant_linear(x, self.lm_head.weight).float()
+        else:
+            logits = (step_linear(x, self.lm_head) if step else self.lm_head(x)).float()  # (B, V)
         return logits if self.tp is None else self.tp.gather_vocab(logits)
 
     def embed(self, tokens):
@@ -629,11 +631,20 @@ class Shard:
         self.vocab_sizes = [hi - lo for lo, hi in (split(vocab_size, world, r)
                                                    for r in range(world))]
 
-    def all_reduce(self, x):
-        """x summed over the ranks, in place."""
+    def all_reduce(self, x, ordered=False):
+        """x summed over the ranks. ordered: every element summed in rank order, whatever the
+        number of rows (invariant mode: an all-reduce's order of addition may depend on the
+        tensor's size), from an all-gather."""
         import torch.distributed as dist
-        dist.all_reduce(x)
-        return x
+        if not ordered:
+            dist.all_reduce(x)
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        return total
 
     def gather_vocab(self, logits):
         """(B, V/N) logits of this rank's vocabulary -> (B, V) of all of it, on every rank

@@ -1250,6 +1250,33 @@ def test_tensor_parallel_batches_equal_one_process(tiny_dir):
         check()
 
 
+def test_tensor_parallel_invariant_mode_is_bitwise_in_bf16(tiny_dir, monkeypatch):
+    """TP 3 (the 9:3 layout: with three ranks the order of a sum matters), invariant mode,
+    bf16 and an int8 cache: a request alone == uncached == among others in a tight pool, in
+    chunks, with preemption == on prefix hits == speculative, as tokens and as every sampled
+    step's logits, bit for bit: the ranks' partial products summed in rank order."""
+    arch, overrides = TP_LAYOUTS["llama-9:3"]
+    path = str(tiny_dir(arch, **overrides))
+    prompts = [TP_PREFIX + [i, 7, 1 + i % 3] for i in range(4)] + [[3, 1, 4, 1, 5, 9, 2]]
+    p = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    rows = record_logits(monkeypatch)
+    with LLM(path, dtype="bfloat16", kv_dtype="int8", block_size=4, n_blocks=30,
+             max_batch_tokens=8, invariant=True, tensor_parallel=3) as llm:
+        alone = [llm.generate([q], p)[0].token_ids for q in prompts]
+        before = llm.n_preemptions
+        runs = {"uncached": llm.generate(prompts, p, use_cache=False),
+                "batched, chunked, preempted": llm.generate(prompts, p),
+                "prefix hits": llm.generate(prompts[::-1], p)[::-1],
+                "speculative": llm.generate(prompts, p, speculative="ngram", spec_k=3)}
+        assert llm.n_preemptions > before
+    for name, outs in runs.items():
+        assert [o.token_ids for o in outs] == alone, name
+    assert runs["prefix hits"][0].n_cached_tokens >= len(TP_PREFIX)
+    for prefix, seen in rows.items():
+        assert all(torch.equal(r, seen[0]) for r in seen[1:]), prefix
+    assert sum(len(r) > 1 for r in rows.values()) >= len(rows) // 2
+
+
 def test_bad_tensor_parallel_degrees_are_refused_in_one_line(tiny_dir):
     path = str(tiny_dir(*TP_LAYOUTS["llama-9:3"][:1], **TP_LAYOUTS["llama-9:3"][1]))
     with pytest.raises(ValueError, match="^tensor parallel 2 does not divide this model's 3 KV "
@@ -1258,7 +1285,7 @@ def test_bad_tensor_parallel_degrees_are_refused_in_one_line(tiny_dir):
     for bad in (0, -1, True, 2.0, "2"):
         with pytest.raises(ValueError, match="tensor_parallel must be a whole number >= 1"):
             LLM(path, tensor_parallel=bad)
-    for kw, what in ((dict(invariant=True), "invariant mode"),
+    for kw, what in ((dict(kv_host_budget="1GiB"), "a KV host budget"),
                      (dict(prompt_cache="somewhere"), "a prompt cache")):
         with pytest.raises(ValueError, match=f"tensor parallel 3 does not run with {what}"):
             LLM(path, tensor_parallel=3, **kw)
