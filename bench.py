@@ -736,7 +736,8 @@ def bench_tp(args):
           f"{args.requests} greedy requests sharing a {args.prefix}-token system prompt, "
           f"{args.new} new tokens each, a pool of {n_blocks} blocks of {bs} (tight: it "
           f"preempts); a {args.prefill}-token text scored. Machine: {machine()}\n")
-    row("degree", "KV heads per rank", "max |logit diff| vs 1 process", "requests token-equal",
+    row("degree", "KV heads per rank", "largest logit difference vs 1 process",
+        "requests token-equal",
         "prompt tokens from cache", "preemptions")
     row(*["---"] * 6)
     for n in degrees:
