@@ -554,9 +554,7 @@ def bench_gpu(args):
             llm.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
             [o] = llm.generate([prompt], p)
             ours = (n - 1) / o.decode_s
-            weights = sum(t.untyped_storage().nbytes() for t in {
-                t.untyped_storage().data_ptr(): t for t in llm.model.parameters()}.values())
-            step_bytes = weights + llm.cache.bytes_per_token * (16 + n // 2)
+            step_bytes = weight_bytes(llm.model) + llm.cache.bytes_per_token * (16 + n // 2)
             theirs = hf_decode_rate(hf, prompt, n, device)
             row(name, "batch-1 decode tok/s", f"{ours:.1f}", f"{theirs:.1f}",
                 f"{ours / theirs:.2f}x", f"{n} new tokens; transformers generate, eager")
@@ -623,6 +621,12 @@ def hf_decode_rate(hf, prompt, n, device, compiled=False) -> float:
     finally:
         if compiled:
             del hf.forward  # back to the class's own
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's weights, a tensor shared by two names (a tied head) once."""
+    return sum(t.untyped_storage().nbytes() for t in {
+        t.untyped_storage().data_ptr(): t for t in model.parameters()}.values())
 
 
 def sync(device):
@@ -719,8 +723,7 @@ def bench_tp(args):
     def measure(n, llm):
         scores[n] = llm.score(text)
         bpt[n] = llm.cache.bytes_per_token
-        weights[n] = sum(t.untyped_storage().nbytes() for t in {
-            t.untyped_storage().data_ptr(): t for t in llm.model.parameters()}.values())
+        weights[n] = weight_bytes(llm.model)
     one = LLM(path, dtype="float32", block_size=bs, n_blocks=n_blocks)
     measure(1, one)
     for n in degrees[1:] or [1]:  # one tensor-parallel engine at a time, beside one process

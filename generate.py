@@ -721,11 +721,14 @@ class Workers:
                 if p.is_alive() and time.monotonic() < deadline:
                     time.sleep(0.02)
                     continue
-                why = store.get(f"failed/{rank}").decode() if store.check([f"failed/{rank}"]) \
-                    else f"exit code {p.exitcode}; its error is above (a script that makes a " \
-                    f"tensor-parallel LLM must do so under `if __name__ == \"__main__\":`, " \
-                    f"for the ranks' processes import it)" if not p.is_alive() else \
-                    f"not ready after {TP_START_TIMEOUT_S} s"
+                if store.check([f"failed/{rank}"]):  # its load failed, and it said why
+                    why = store.get(f"failed/{rank}").decode()
+                elif not p.is_alive():
+                    why = (f"exit code {p.exitcode}; its error is above (a script that makes a "
+                           f"tensor-parallel LLM must do so under `if __name__ == \"__main__\":`"
+                           f", for the ranks' processes import it)")
+                else:
+                    why = f"not ready after {TP_START_TIMEOUT_S} s"
                 self.closed = f"tensor-parallel rank {rank} did not start: {why}"
                 self.kill()
                 raise RuntimeError(self.closed)
@@ -793,10 +796,12 @@ class Workers:
         with self.step():
             dist.broadcast_object_list([(op, *args)], src=0)
 
-    def gather(self, t) -> list:
-        """Every rank's tensor like t (this rank's), gathered here, in rank order."""
+    def gather(self, what, t) -> list:
+        """Every rank's pool tensor `what` ("kv" or "scales", t being this rank's), gathered
+        here, in rank order."""
         parts = [torch.empty_like(t) for _ in range(self.world)]
         with self.step():
+            self.send("gather", what)
             dist.gather(t.contiguous(), parts, dst=0)
         return parts
 
@@ -1071,9 +1076,16 @@ class LLM:
         self.static = StaticDecode(self.model, self.cache, cfg.max_seq_len) \
             if cuda_graphs and not self.compiled else None
         # which path decode steps take, and why not the compiled one when it was asked for
-        self.decode_path = "compiled" if self.compiled else f"eager ({why})" if why else \
-            f"eager, tensor parallel {tp}" if tp > 1 else \
-            ("CUDA-graph" if self.static.capture else "static-buffer") if self.static else "eager"
+        if self.compiled:
+            self.decode_path = "compiled"
+        elif why:
+            self.decode_path = f"eager ({why})"
+        elif tp > 1:
+            self.decode_path = f"eager, tensor parallel {tp}"
+        elif self.static:
+            self.decode_path = "CUDA-graph" if self.static.capture else "static-buffer"
+        else:
+            self.decode_path = "eager"
         self.peak_blocks = 0  # most blocks in use during the last generate() call
         self.n_preemptions = 0  # sequences preempted (and later recomputed), ever
         self._next_id = 0
@@ -1098,12 +1110,9 @@ class LLM:
         if workers is None:
             return [(self.cache.kv.clone(), None if self.cache.scales is None
                      else self.cache.scales.clone())]
-        workers.send("gather", "kv")
-        kv = workers.gather(self.cache.kv)
-        scales = [None] * len(kv)
-        if self.cache.scales is not None:
-            workers.send("gather", "scales")
-            scales = workers.gather(self.cache.scales)
+        kv = workers.gather("kv", self.cache.kv)
+        scales = [None] * len(kv) if self.cache.scales is None else \
+            workers.gather("scales", self.cache.scales)
         return list(zip(kv, scales))
 
     def cache_salt(self) -> bytes:
@@ -1208,23 +1217,24 @@ class LLM:
     def run(self, batch, all_logits=False) -> torch.Tensor:
         """run_batch over this engine's model and cache."""
         self.peak_blocks = max(self.peak_blocks, self.cache.n_used_blocks)
-        if self.cache.workers is not None:
-            with self.cache.workers.step():
-                return run_batch(self.model, self.cache, batch, all_logits)
         if self.compiled and not all_logits and all(n == 1 for _, n, _ in batch):
             return self.compiled(self.cache, batch)
         if self.static and not all_logits and self.static.fits(batch):
             return self.static(batch)
         if self.compiled:
             return self.compiled.prefill(self.model, self.cache, batch, all_logits)
-        return run_batch(self.model, self.cache, batch, all_logits)
+        with self.lockstep():
+            return run_batch(self.model, self.cache, batch, all_logits)
 
     def run_dense(self, seqs) -> torch.Tensor:
         """run_dense over this engine's model (the uncached baseline)."""
-        if self.cache.workers is not None:
-            with self.cache.workers.step():
-                return run_dense(self.model, seqs, self.cache)
-        return run_dense(self.model, seqs, self.cache)
+        with self.lockstep():
+            return run_dense(self.model, seqs, self.cache)
+
+    def lockstep(self):
+        """Around a forward pass: under tensor parallelism, every rank's (Workers.step)."""
+        workers = self.cache.workers
+        return contextlib.nullcontext() if workers is None else workers.step()
 
     def postprocess(self, sched, out, batch, logits) -> list:
         """Every sequence whose tokens are all computed takes its next token (its forks start

@@ -438,15 +438,18 @@ class Block(nn.Module):
         hidden = F.gelu(self.linear(m, self.fc, step), approximate="tanh")  # (T, F)
         return self.linear_residual(x, hidden, self.proj, step)         # tanh GELU: "gelu_new"
 
-    def linear(self, x, lin, step=False):
+    def linear(self, x, lin, step=False, bias=True):
         """x @ W^T (+ b) by the product of the mode: fixed 16-row products (invariant), the
         packed weights (the compiled decode step) or F.linear on the weights directly
-        (nn.Module's call machinery costs ~2 us a call: 4 matmuls x L layers a step)."""
+        (nn.Module's call machinery costs ~2 us a call: 4 matmuls x L layers a step).
+        bias=False leaves b out (a row-parallel share: see linear_residual; tensor
+        parallelism never takes the compiled step)."""
+        b = lin.bias if bias else None
         if self.invariant:
-            return invariant_linear(x, lin.weight, lin.bias)
+            return invariant_linear(x, lin.weight, b)
         if step:
             return step_linear(x, lin)
-        return F.linear(x, lin.weight, lin.bias)
+        return F.linear(x, lin.weight, b)
 
     def linear_residual(self, x, a, lin, step=False):
         """x + a @ W^T (+ b): in eager mode the residual add rides in the matmul (addmm) when
@@ -455,8 +458,7 @@ class Block(nn.Module):
         inner dimension, the partial products are summed over the ranks (one all-reduce), and
         the bias and the residual are added once, after the sum."""
         if self.tp is not None:
-            y = invariant_linear(a, lin.weight) if self.invariant else F.linear(a, lin.weight)
-            y = self.tp.all_reduce(y, ordered=self.invariant)
+            y = self.tp.all_reduce(self.linear(a, lin, bias=False), ordered=self.invariant)
             return x + (y if lin.bias is None else y + lin.bias)
         if lin.bias is None and not (self.invariant or step):
             return torch.addmm(x, a, lin.weight_t)
