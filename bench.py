@@ -1158,7 +1158,8 @@ def kernels_captured(n_sm=132):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
     names = ["_store_kv_kernel", "_prefill_attention_kernel", "_decode_attention_kernel",
-             "_merge_splits_kernel", "_invariant_attention_kernel", "n_multiprocessors"]
+             "_merge_splits_kernel", "_invariant_attention_kernel", "_invariant_linear_kernel",
+             "n_multiprocessors"]
     saved = {name: getattr(kernels, name) for name in names}
     try:
         for name in names[:-1]:
@@ -1173,8 +1174,9 @@ def kernels_captured(n_sm=132):
 def captured_launches(n_head, n_kv, d, dtype, kv_dtype, block_size, n_sm):
     """The kernel launches the engine's launchers make for one layer of this shape, captured
     instead of run (on CPU tensors: only the host code runs): a two-sequence prefill (store,
-    attention), a decode step of four sequences at a 4k context, and the invariant attention
-    of the prefill. [(kernel, args, kwargs)]"""
+    attention), a decode step of four sequences at a 4k context, the invariant attention of the
+    prefill, and the invariant weight product (QKV's shape, with a bias).
+    [(kernel, args, kwargs)]"""
     from model import kernels
     with kernels_captured(n_sm) as calls:
         ctx = 4096
@@ -1192,20 +1194,30 @@ def captured_launches(n_head, n_kv, d, dtype, kv_dtype, block_size, n_sm):
                                         pool.pool_shape)
         kernels.decode_attention_triton(q[:4], k_cache, v_cache, decode, d ** -0.5, scales)
         kernels.invariant_attention_triton(q, k_cache, v_cache, prefill, d ** -0.5, scales)
+        w = torch.zeros((n_head + 2 * n_kv) * d, n_head * d, dtype=dtype)
+        kernels.invariant_linear_triton(q.view(24, -1), w, w.new_zeros(w.shape[0]))
     return calls
 
 
-def launch_signature(kernel, args, kwargs) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, options) of one captured launch: its tensors become typed
-    pointers, its ints i32 (i64 past 2^31), its keywords constexprs or compile options."""
-    signature, constexprs = {}, {}
+def launch_signature(kernel, args, kwargs) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, options, aligned) of one captured launch: its tensors become
+    typed pointers, its ints i32 (i64 past 2^31), its keywords constexprs or compile options;
+    and the specialization Triton's JIT gives a launch on a GPU: an int equal to 1 becomes the
+    constant 1, and an int divisible by 16 or a pointer aligned to 16 bytes is declared so
+    (`aligned`), which lets the compiler vectorize and pipeline the loads that use it (without
+    it the binary is not the one the GPU runs: loads one element at a time, no pipelining)."""
+    signature, constexprs, aligned = {}, {}, {}
     for name, a in zip(kernel.arg_names, args):
         if isinstance(a, torch.Tensor):
             signature[name] = "*" + TRITON_TYPES[a.dtype]
+            aligned[name] = a.data_ptr() % 16 == 0
         elif isinstance(a, bool):
             signature[name] = "i1"
+        elif isinstance(a, int) and a == 1:
+            signature[name], constexprs[name] = "constexpr", 1
         elif isinstance(a, int):
             signature[name] = "i64" if abs(a) >= 1 << 31 else "i32"
+            aligned[name] = a % 16 == 0
         elif isinstance(a, float):
             signature[name] = "fp32"
         else:
@@ -1214,15 +1226,16 @@ def launch_signature(kernel, args, kwargs) -> tuple[dict, dict, dict]:
     for name, value in kwargs.items():
         if name not in LAUNCH_OPTIONS:
             signature[name], constexprs[name] = "constexpr", value
-    return signature, constexprs, options
+    return signature, constexprs, options, {k: v for k, v in aligned.items() if v}
 
 
-def compile_for(kernel, signature, constexprs, options, cc):
+def compile_for(kernel, signature, constexprs, options, aligned, cc):
     """triton.compile of one launch for compute capability cc: no GPU needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    return triton.compile(ASTSource(kernel, signature, constexprs),
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs),
                           target=GPUTarget("cuda", cc, 32), options=options)
 
 
@@ -1252,7 +1265,7 @@ def dot_instruction(compiled) -> str:
 
 
 DOT_KERNELS = ("_prefill_attention_kernel", "_decode_attention_kernel",
-               "_invariant_attention_kernel")
+               "_invariant_attention_kernel", "_invariant_linear_kernel")
 
 
 def compile_sweep(plan, log=print) -> list[dict]:
@@ -1291,15 +1304,18 @@ def compile_sweep(plan, log=print) -> list[dict]:
 
 
 def expected_instruction(r) -> str:
-    """What a 16-bit tl.dot must become: wgmma for the prefill tiles on Hopper (64 query rows
-    and more), mma.sync elsewhere (decode and invariant tiles have 16 rows, below wgmma's 64)."""
-    return "wgmma" if r["target"] == "sm_90" and r["kernel"].startswith("prefill") else "mma"
+    """What a 16-bit tl.dot must become: wgmma on Hopper for the tiles of 64 rows and more
+    (prefill attention, the invariant weight product), mma.sync elsewhere (decode and invariant
+    attention tiles have 16 rows, below wgmma's 64)."""
+    big = r["kernel"].startswith("prefill") or r["kernel"] == "invariant_linear_kernel"
+    return "wgmma" if r["target"] == "sm_90" and big else "mma"
 
 
 def compile_problems(results) -> list[str]:
     """What the sweep must not show: a failed compile, shared memory over the target's limit,
-    a 16-bit tl.dot that is not the expected matrix instruction, or an attention kernel that
-    spills registers (local memory or a stack frame: attention_tiles picks tiles that fit)."""
+    a 16-bit tl.dot that is not the expected matrix instruction, or a kernel with a tl.dot that
+    spills registers (local memory or a stack frame: attention_tiles and LINEAR_TILES pick
+    tiles that fit)."""
     bad = []
     for r in results:
         name = f"{r['kernel']} {r['target']} {r['shape']} {r['dtype']} kv={r['kv']} " \
@@ -1312,7 +1328,7 @@ def compile_problems(results) -> list[str]:
         if r["instruction"] != "-" and r["dtype"] != "fp32" and \
                 r["instruction"] != expected_instruction(r):
             bad.append(f"{name}: tl.dot became {r['instruction']}, not {expected_instruction(r)}")
-        if r["kernel"].endswith("attention_kernel") and r["spills"]:
+        if r["instruction"] != "-" and r["spills"]:
             bad.append(f"{name}: {r['spills']} bytes spilled")
     return bad
 

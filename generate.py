@@ -1004,7 +1004,7 @@ class LLM:
     free device memory (see cache.parse_budget and KVCache.from_budget). max_batch_tokens
     bounds the tokens computed in one step. invariant=True computes every token's logits
     with the same float operations whatever its batch, step or path (fixed-shape products, see
-    model.invariant_linear and kernels.invariant_attention): cached == uncached == chunked
+    kernels.invariant_linear and kernels.invariant_attention): cached == uncached == chunked
     == batched == speculative, bit for bit in any dtype, at the cost the README measures.
     compile=True runs the steps through CompiledSteps where it applies (CPU, a cache in the
     model's dtype, not invariant mode; decode_path says which path runs and why).

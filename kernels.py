@@ -1137,6 +1137,107 @@ def invariant_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=No
     return invariant_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales, window)
 
 
+# ------------------------------------------------------------------------------------------
+# the invariant mode's weight product: x @ W^T whose every row is the same bits whatever rows
+# it is computed among (LLM(invariant=True))
+#
+# A matmul library picks its blocking, its split of the inner dimension and so its order of
+# additions from the problem's size: the same row among 1 or 64 others can round differently
+# (measured: on this CPU a bf16 576x960 product differs between M = 64 and M = 32; cuBLAS
+# picks its kernel from M too). The reference runs every product on exactly LINEAR_ROWS rows
+# (the last chunk padded with zeros): one shape, so one blocking. The Triton kernel has one
+# tile configuration and no split of the inner dimension: each output element is its row
+# times its column summed in BLOCK_K steps in order, whatever M is.
+LINEAR_ROWS = 16
+
+
+def invariant_linear_ref(x, weight, bias=None):
+    """F.linear(x, weight, bias), x (M, in), computed LINEAR_ROWS rows at a time. 16 rows
+    cost a decode step (one row) nothing measurable and a prefill more, smaller products."""
+    n = x.shape[0]
+    if n % LINEAR_ROWS:
+        x = torch.cat([x, x.new_zeros(LINEAR_ROWS - n % LINEAR_ROWS, x.shape[1])])
+    return torch.cat([F.linear(c, weight, bias) for c in x.split(LINEAR_ROWS)])[:n]
+
+
+@jit
+def _invariant_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n_rows, n_out, n_in, s_xm, s_wn,
+                             s_om, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr):
+    """Persistent: each program walks the (BLOCK_M x BLOCK_N) output tiles pid, pid + grid,
+    ... (row tiles first, so programs running together share a weight tile in L2). A tile is
+    one fp32 accumulator over the whole inner dimension, BLOCK_K at a time in order (no
+    split-K). Rows past M and columns past N read row or column 0 (their results are not
+    stored); inner positions past `in` read zeros, which add exact zeros."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(n_rows, BLOCK_M)
+    n_tiles = tiles_m * tl.cdiv(n_out, BLOCK_N)
+    k_steps = tl.cdiv(n_in, BLOCK_K)
+    rk = tl.arange(0, BLOCK_K)
+    for tile in tl.range(pid, n_tiles, tl.num_programs(0), flatten=True):
+        rm = (tile % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = (tile // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+        x_rows = x_ptr + tl.where(rm < n_rows, rm, 0).to(tl.int64)[:, None] * s_xm
+        w_cols = w_ptr + tl.where(rn < n_out, rn, 0).to(tl.int64)[None, :] * s_wn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for ks in range(k_steps):
+            k = ks * BLOCK_K + rk
+            a = tl.load(x_rows + k[None, :], mask=k[None, :] < n_in, other=0.0)
+            b = tl.load(w_cols + k[:, None], mask=k[:, None] < n_in, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < n_out, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm.to(tl.int64)[:, None] * s_om + rn[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=(rm < n_rows)[:, None] &
+                 (rn < n_out)[None, :])
+
+
+class MatmulTiles(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+
+
+# One configuration for every shape (what invariance needs), chosen to compile to the matrix
+# instruction with no spill on sm_80..sm_90 (bench.py kernels --compile-only); fp32 products
+# stay fp32 (dot_precision), which takes more registers, so smaller tiles.
+LINEAR_TILES = {torch.float32: MatmulTiles(32, 64, 32, 4, 2)}
+LINEAR_TILES_16BIT = MatmulTiles(64, 64, 64, 4, 3)
+
+
+def invariant_linear_triton(x, weight, bias=None, out=None, programs=None):
+    """Launcher: min(tiles, programs) persistent programs (default: the device's
+    multiprocessors, twice over). x (M, in) and weight (out, in) with unit inner stride."""
+    n_rows, n_in = x.shape
+    n_out = weight.shape[0]
+    assert weight.shape[1] == n_in and x.stride(1) == 1 and weight.stride(1) == 1, \
+        (x.shape, x.stride(), weight.shape, weight.stride())
+    assert bias is None or bias.shape == (n_out,) and bias.stride(0) == 1
+    out = x.new_empty(n_rows, n_out) if out is None else out
+    if n_rows == 0:
+        return out
+    t = LINEAR_TILES.get(x.dtype, LINEAR_TILES_16BIT)
+    n_tiles = triton.cdiv(n_rows, t.block_m) * triton.cdiv(n_out, t.block_n)
+    grid = min(n_tiles, programs or 2 * n_multiprocessors(x.device))
+    _invariant_linear_kernel[check_grid(grid)](
+        x, weight, weight if bias is None else bias, out, n_rows, n_out, n_in, x.stride(0),
+        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, DOT_PRECISION=dot_precision(x.dtype),
+        num_warps=t.warps, num_stages=t.stages)
+    return out
+
+
+def invariant_linear(x, weight, bias=None):
+    """The invariant mode's x @ W^T (+ b) for x (M, in): Triton on CUDA, the 16-row reference
+    elsewhere. Each row's bits depend on that row, the weight and the bias only."""
+    if use_triton(x):
+        return invariant_linear_triton(x.contiguous(), weight, bias)
+    return invariant_linear_ref(x, weight, bias)
+
+
 def paged_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None, window=0):
     """The model's one entry point: decode batches take the decode kernel, anything with more
     than one new token per sequence (prefill, chunks, verification) the prefill kernel.

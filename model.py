@@ -221,23 +221,6 @@ def rope_scale(cfg) -> float:
     return m()
 
 
-# Invariant mode (LLM(invariant=True)): every weight product runs on exactly LINEAR_ROWS rows
-# (the last chunk padded with zeros). A CPU matmul picks its blocking from the row count, so
-# the same row multiplied among 1 or 64 others can round differently (measured: a bf16 576x960
-# product differs between M = 64 and M = 32); with one fixed shape it cannot, and test_model.py
-# checks that on every weight shape. 16 rows cost a decode step (one row) nothing measurable
-# and a prefill several times more products (see the README's measurements).
-LINEAR_ROWS = 16
-
-
-def invariant_linear(x, weight, bias=None):
-    """F.linear(x, weight, bias), x (M, in), computed LINEAR_ROWS rows at a time."""
-    n = x.shape[0]
-    if n % LINEAR_ROWS:
-        x = torch.cat([x, x.new_zeros(LINEAR_ROWS - n % LINEAR_ROWS, x.shape[1])])
-    return torch.cat([F.linear(c, weight, bias) for c in x.split(LINEAR_ROWS)])[:n]
-
-
 # ------------------------------------------------------------------------------------------
 # weights in the CPU's own layout (the compiled decode step)
 #
@@ -439,14 +422,14 @@ class Block(nn.Module):
         return self.linear_residual(x, hidden, self.proj, step)         # tanh GELU: "gelu_new"
 
     def linear(self, x, lin, step=False, bias=True):
-        """x @ W^T (+ b) by the product of the mode: fixed 16-row products (invariant), the
+        """x @ W^T (+ b) by the product of the mode: kernels.invariant_linear (invariant), the
         packed weights (the compiled decode step) or F.linear on the weights directly
         (nn.Module's call machinery costs ~2 us a call: 4 matmuls x L layers a step).
         bias=False leaves b out (a row-parallel share: see linear_residual; tensor
         parallelism never takes the compiled step)."""
         b = lin.bias if bias else None
         if self.invariant:
-            return invariant_linear(x, lin.weight, b)
+            return kernels.invariant_linear(x, lin.weight, b)
         if step:
             return step_linear(x, lin)
         return F.linear(x, lin.weight, b)
@@ -557,7 +540,7 @@ class Transformer(nn.Module):
             x = x[meta.last_token_index]                           # (B, C): the LM head is
         x = norm(self.cfg, self.norm, x)                           # the costliest matmul
         if self.invariant:
-            logits = invariant_linear(x, self.lm_head.weight).float()
+            logits = kernels.invariant_linear(x, self.lm_head.weight).float()
         else:
             logits = (step_linear(x, self.lm_head) if step else self.lm_head(x)).float()  # (B, V)
         return logits if self.tp is None else self.tp.gather_vocab(logits)

@@ -120,13 +120,15 @@ def record_logits(monkeypatch) -> dict:
     return seen
 
 
-def ladder_runs(path, prompts, n_new, n_blocks, max_batch_tokens, kv_dtype, invariant):
+def ladder_runs(path, prompts, n_new, n_blocks, max_batch_tokens, kv_dtype, invariant,
+                device="cpu", dtype="bfloat16", ample_blocks=512):
     """Token ids of the same greedy requests run every way the ladder compares."""
     def engine(**kw):
-        return LLM(path, dtype="bfloat16", block_size=4, kv_dtype=kv_dtype, invariant=invariant,
-                   **kw)
+        return LLM(path, device=device, dtype=dtype, block_size=4, kv_dtype=kv_dtype,
+                   invariant=invariant, **kw)
     p = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
-    ample, tight = engine(n_blocks=512), engine(n_blocks=n_blocks, max_batch_tokens=max_batch_tokens)
+    ample = engine(n_blocks=ample_blocks)
+    tight = engine(n_blocks=n_blocks, max_batch_tokens=max_batch_tokens)
     runs = {"alone": [ample.generate([q], p)[0].token_ids for q in prompts]}
     runs["uncached"] = [o.token_ids for o in ample.generate(prompts, p, use_cache=False)]
     runs["batched, chunked, preempted"] = [o.token_ids for o in tight.generate(prompts, p)]
@@ -168,6 +170,48 @@ def test_without_invariant_mode_the_ladder_sees_differences(tiny_dir, monkeypatc
     prompts = [[(7 * i + 3 * j) % 290 for j in range(5 + 6 * i)] for i in range(6)]
     ladder_runs(str(tiny_dir("llama")), prompts, 40, 40, 7, None, invariant=False)
     assert any(not torch.equal(r, rows[0]) for rows in seen.values() for r in rows[1:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the invariant mode's Triton kernels "
+                    "run compiled in bf16 on a CUDA GPU only (the interpreter has no bf16)")
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_invariant_mode_is_bitwise_on_a_gpu(tiny_dir, monkeypatch, kv_dtype):
+    """The ladder above on CUDA, bf16: the invariant attention kernel and the persistent
+    invariant matmul, compiled. Alone == uncached == batched, chunked and preempted == prefix
+    hits == speculative, token ids and every step's logits; and the negative control on the
+    same requests: the default mode's kernels (and cuBLAS) find differing logits."""
+    prompts = [[(7 * i + 3 * j) % 290 for j in range(5 + 6 * i)] for i in range(6)]
+    for invariant in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            seen = record_logits(mp)
+            runs, tight = ladder_runs(str(tiny_dir("llama")), prompts, 40, 40, 7, kv_dtype,
+                                      invariant, device="cuda")
+        same = all(torch.equal(r, rows[0]) for rows in seen.values() for r in rows[1:])
+        assert same == invariant, "invariant" if invariant else "the negative control"
+        if invariant:
+            assert all(ids == runs["alone"] for ids in runs.values())
+        tight.cache.check_invariants()
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="triton is not installed (no wheel for this "
+                    "platform): the engine runs its torch reference")
+def test_invariant_mode_through_the_triton_kernels(tiny_dir, monkeypatch):
+    """The ladder through the Triton kernels in the interpreter (fp16, an int8 cache: bf16
+    does not run there): the invariant attention kernel and the persistent invariant matmul
+    give alone == uncached == batched, chunked and preempted == prefix hits == speculative,
+    token ids and logits; the default mode's kernels, on the same requests, do not."""
+    monkeypatch.setenv("KVCACHE_KERNELS", "triton")
+    prompts = [[(7 * i + 3 * j) % 290 for j in range(3 + 5 * i)] for i in range(3)]
+    for invariant in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            seen = record_logits(mp)
+            runs, tight = ladder_runs(str(tiny_dir("llama")), prompts, 16, 12, 5, "int8",
+                                      invariant, dtype="float16", ample_blocks=40)
+        same = all(torch.equal(r, rows[0]) for rows in seen.values() for r in rows[1:])
+        assert same == invariant, "invariant" if invariant else "the negative control"
+        if invariant:
+            assert all(ids == runs["alone"] for ids in runs.values())
+        tight.cache.check_invariants()
 
 
 def test_invariant_forks_equal_each_sample_alone(tiny_dir):

@@ -420,6 +420,56 @@ def test_greedy_generation_triton_equals_reference(tiny_dir, monkeypatch, arch, 
 
 
 # ------------------------------------------------------------------------------------------
+# the invariant mode's weight product (Triton): each row's bits whatever its company
+
+# on a GPU the real weight shapes (test_model.py's list: SmolLM2, GPT-2, Qwen2, Llama-3.2-1B);
+# in the interpreter small ones, around the kernel's tile edges (64 rows, 64 columns, 32/64
+# inner)
+LINEAR_SHAPES = [(576, 960), (768, 2304), (896, 1152), (1536, 576), (2048, 3072), (8192, 2048),
+                 (576, 49152)] if ON_GPU else [(8, 8), (33, 70), (64, 64), (100, 65), (130, 24)]
+
+
+def rows_company_free(linear, x, w, b, n_rows):
+    """Whether each row of linear(x) is the same bits computed alone, among a few others or
+    in another place among them."""
+    whole = linear(x, w, b)
+    picks = ([n_rows - 1], [0, 1], list(range(n_rows // 3, n_rows)), [n_rows - 1, 0])
+    return all(torch.equal(linear(x[rows].contiguous(), w, b), whole[rows]) for rows in picks)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@settings(max_examples=max(10, settings.default.max_examples // 2))
+@given(shape=st.sampled_from(LINEAR_SHAPES), n_rows=st.integers(2, 150), bias=st.booleans(),
+       programs=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2 ** 16))
+def test_triton_invariant_linear_matches_and_keeps_its_bits(dtype, shape, n_rows, bias,
+                                                           programs, seed):
+    """The invariant product: within rounding of a float64 product, every output element
+    written (the output poisoned), the same bits whatever the number of persistent programs,
+    and each row the same bits alone, among others or in another place. The negative control:
+    the same check catches rows that depend on their company ((x - mean) W^T + mean W^T)."""
+    dtype = kernel_dtype(dtype)
+    n_in, n_out = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_rows, n_in, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n_out, n_in, generator=g) / n_in ** 0.5).to(DEVICE, dtype)
+    b = torch.randn(n_out, generator=g).to(DEVICE, dtype) if bias else None
+    out = torch.full((n_rows, n_out), float("nan"), device=DEVICE, dtype=dtype)
+    kernels.invariant_linear_triton(x, w, b, out=out, programs=programs)
+    want = x.double() @ w.double().T + (b.double() if bias else 0)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    assert torch.equal(kernels.invariant_linear_triton(x, w, b), out)
+    launch = kernels.invariant_linear_triton
+    assert rows_company_free(launch, x, w, b, n_rows)
+
+    def centred(x, w, b):
+        mean = x.float().mean(0, keepdim=True).to(x.dtype)
+        return launch(x - mean, w, b) + launch(mean.expand_as(x).contiguous(), w)
+    assert not rows_company_free(centred, x, w, b, n_rows)
+
+
+# ------------------------------------------------------------------------------------------
 # quantized caches: int8 and fp8 values with one scale per (token, KV head)
 
 QUANT_DTYPES = [torch.int8, torch.float8_e4m3fn]
@@ -555,8 +605,8 @@ def test_every_kernel_compiles_for_gpus_ahead_of_time(tmp_path):
     """bench.py's quick compile sweep: every kernel, as its launcher really calls it, compiled
     for sm_80 and sm_90 (bf16, KV in bf16 / int8 / fp8, GPT-class shapes) by the compiler and
     ptxas inside the triton wheel. Each compiles, fits the target's shared memory, spills no
-    register, and its tl.dot is a matrix instruction (wgmma for Hopper prefill, mma.sync
-    elsewhere). In a
+    register, and its tl.dot is a matrix instruction (wgmma for Hopper prefill and the
+    invariant weight product, mma.sync elsewhere). In a
     subprocess: this process runs Triton's interpreter, and the compiler needs real Triton."""
     import json
     import os
@@ -575,6 +625,7 @@ def test_every_kernel_compiles_for_gpus_ahead_of_time(tmp_path):
     seen = {(r["target"], r["kernel"], r["kv"]) for r in rows}
     for target in ("sm_80", "sm_90"):
         assert (target, "merge_splits_kernel", "auto") in seen  # one binary for every kv
+        assert (target, "invariant_linear_kernel", "auto") in seen  # nor reads the cache
         for kernel in ("store_kv_kernel", "prefill_attention_kernel", "decode_attention_kernel",
                        "invariant_attention_kernel"):
             for kv in ("auto", "int8") + (("fp8",) if target == "sm_90" else ()):
@@ -582,6 +633,12 @@ def test_every_kernel_compiles_for_gpus_ahead_of_time(tmp_path):
     assert {r["instruction"] for r in rows if r["kernel"].startswith("prefill") and
             r["target"] == "sm_90"} == {"wgmma"}
     assert {r["instruction"] for r in rows if r["kernel"].startswith("decode")} == {"mma"}
+    linear = {r["target"]: r for r in rows if r["kernel"] == "invariant_linear_kernel"}
+    assert linear["sm_90"]["instruction"] == "wgmma" and linear["sm_80"]["instruction"] == "mma"
+    # the loads pipelined (two stages or more of a 64x64 tile of x and of W in shared memory),
+    # as the JIT's 16-byte alignment facts allow: launch_signature passes them on
+    assert linear["sm_90"]["shared"] >= 2 * 2 * 64 * 64 * 2
+    assert not any(r["spills"] for r in linear.values())
     attention = [r for r in rows if r["kernel"].endswith("attention_kernel")]
     assert all(0 < r["shared"] <= r["shared_limit"] for r in attention)
     assert [r for r in attention if r["spills"]] == []  # attention_tiles fits every one

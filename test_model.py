@@ -104,8 +104,9 @@ WEIGHT_SHAPES = sorted({
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_invariant_linear_rows_do_not_depend_on_their_company(dtype):
-    """Each row of invariant_linear is the same bits computed alone, among 16 or among 40
-    others, at any place among them, for every weight shape listed. The negative control: the
+    """Each row of kernels.invariant_linear_ref (the CPU product) is the same bits computed
+    alone, among 16 or among 40 others, at any place among them, for every weight shape
+    listed (test_kernels.py checks the Triton product the same way). The negative control: the
     same check catches a product whose rows depend on their company (x W^T computed as
     (x - mean) W^T + mean W^T: equal in exact arithmetic, not in floating point)."""
     g = torch.Generator().manual_seed(0)
@@ -117,11 +118,11 @@ def test_invariant_linear_rows_do_not_depend_on_their_company(dtype):
 
     def centred(x, w):
         mean = x.float().mean(0, keepdim=True).to(x.dtype)
-        return M.invariant_linear(x - mean, w) + M.invariant_linear(mean, w)
+        return kernels.invariant_linear_ref(x - mean, w) + kernels.invariant_linear_ref(mean, w)
     for n_in, n_out in WEIGHT_SHAPES:
         w = torch.randn(n_out, n_in, generator=g).to(dtype)
         x = torch.randn(40, n_in, generator=g).to(dtype)
-        assert company_free(M.invariant_linear, x, w), (n_in, n_out)
+        assert company_free(kernels.invariant_linear_ref, x, w), (n_in, n_out)
         assert not company_free(centred, x, w), (n_in, n_out)
 
 
