@@ -527,9 +527,10 @@ def bench_gpu(args):
     """For each shape: batch-1 decode (tokens/s, and the bytes a step must read, every weight
     once plus the KV cache, over the step time, as a share of the measured copy bandwidth);
     serving throughput (random prompt and output lengths, random ids, ignore_eos: nano-vllm's
-    workload); TTFT behind a cached system prompt against cold. Peers in the same run:
-    transformers' generate for batch 1 and its continuous batching (generate_batch) for
-    throughput. On a CPU this is a dry run (--gpu-shapes tiny and small sizes)."""
+    workload); TTFT behind a cached system prompt against cold; the invariant mode's batch-1
+    decode and throughput against the default's. Peers in the same run: transformers'
+    generate for batch 1 and its continuous batching (generate_batch) for throughput. On a
+    CPU this is a dry run (--gpu-shapes tiny and small sizes)."""
     import tempfile
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -550,10 +551,8 @@ def bench_gpu(args):
             # batch 1: the step reads every weight once (a tied head once) and the KV so far
             n = args.new
             prompt = ids(16)
-            p = SamplingParams(max_new_tokens=n, ignore_eos=True)
             llm.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
-            [o] = llm.generate([prompt], p)
-            ours = (n - 1) / o.decode_s
+            ours = ours_decode = decode_rate(llm, prompt, n)
             step_bytes = weight_bytes(llm.model) + llm.cache.bytes_per_token * (16 + n // 2)
             theirs = hf_decode_rate(hf, prompt, n, device)
             row(name, "batch-1 decode tok/s", f"{ours:.1f}", f"{theirs:.1f}",
@@ -572,14 +571,13 @@ def bench_gpu(args):
             in_lens = torch.randint(args.in_min, args.in_max + 1, (k,), generator=g).tolist()
             out_lens = torch.randint(args.out_min, args.out_max + 1, (k,), generator=g).tolist()
             prompts = [ids(m) for m in in_lens]
-            t = time.perf_counter()
-            outs = llm.generate(prompts, [SamplingParams(max_new_tokens=m, ignore_eos=True)
-                                          for m in out_lens])
-            ours = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+            ours = serve_rate(llm, prompts, out_lens)
             theirs, how = hf_throughput(hf, prompts, out_lens, device)
             row(name, "throughput, output tok/s", f"{ours:.0f}", f"{theirs:.0f}",
                 f"{ours / theirs:.2f}x", f"{k} requests, prompts {args.in_min}-{args.in_max}, "
                 f"outputs {args.out_min}-{args.out_max}; transformers {how}")
+            few = (prompts[:args.gpu_invariant_requests], out_lens[:args.gpu_invariant_requests])
+            default_rates = (ours_decode, serve_rate(llm, *few))
             # TTFT behind a cached system prompt
             system = ids(args.gpu_prefix)
             one = SamplingParams(max_new_tokens=1, ignore_eos=True)
@@ -597,9 +595,36 @@ def bench_gpu(args):
                 f"{med(warm) * 1e3:.1f} / {med(cold) * 1e3:.1f} ms", "",
                 f"{med(warm) / med(cold):.0%}", f"{args.gpu_prefix}-token system prompt, 16 "
                 f"new tokens, {args.repeat} rounds")
-            del hf, llm
+            # the cost of invariant mode: another engine (its steps are never graphed)
+            del llm
+            inv = LLM(tmp, device=str(device), dtype=dtype, kv_budget=args.gpu_kv_budget,
+                      invariant=True)
+            inv.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
+            for measure, off, on, what in (
+                    ("batch-1 decode tok/s", default_rates[0], decode_rate(inv, prompt, n),
+                     f"{n} new tokens"),
+                    ("throughput, output tok/s", default_rates[1], serve_rate(inv, *few),
+                     f"the first {len(few[0])} of the requests above")):
+                row(name, f"invariant mode: {measure}", f"on {on:.1f} / off {off:.1f}", "",
+                    f"{on / off:.2f}x", f"{what}; off: the default engine above")
+            del hf, inv
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def decode_rate(llm, prompt, n) -> float:
+    """Batch-1 tokens/s after the first token, generating n tokens greedily after prompt."""
+    [o] = llm.generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))
+    return (n - 1) / o.decode_s
+
+
+def serve_rate(llm, prompts, out_lens) -> float:
+    """Output tokens/s of the requests, each with its own output length, all submitted at
+    once (ignore_eos)."""
+    t = time.perf_counter()
+    outs = llm.generate(prompts, [SamplingParams(max_new_tokens=m, ignore_eos=True)
+                                  for m in out_lens])
+    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
 
 
 def hf_decode_rate(hf, prompt, n, device, compiled=False) -> float:
@@ -1080,6 +1105,9 @@ def bench_accuracy(args):
 # Triton kernels on a GPU: decode GB/s against the copy bandwidth, prefill TFLOP/s against SDPA
 
 KERNEL_SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # (H, K, D)
+LINEAR_SHAPES = {"smollm2-qkv": (576, 960), "smollm2-down": (1536, 576),  # (in, out)
+                 "llama3-8b-qkv": (4096, 6144), "llama3-8b-gate-up": (4096, 28672),
+                 "llama3-8b-down": (14336, 4096)}
 
 
 def time_ms(fn, repeat=20) -> float:
@@ -1370,7 +1398,8 @@ def bench_compile(args):
 
 def bench_kernels(args):
     """Peers in the same run: torch SDPA on contiguous K/V (the flash backend for prefill),
-    with and without the gather that turns the paged pool into contiguous tensors."""
+    with and without the gather that turns the paged pool into contiguous tensors; then the
+    invariant weight product against F.linear."""
     if args.compile_only:
         return bench_compile(args)
     from model import kernels
@@ -1435,6 +1464,36 @@ def bench_kernels(args):
             flops = 2 * 2 * n_head * d * n_tok * (n_tok + 1) / 2  # QK^T and PV, causal half
             row("causal, batch 1", n_tok, d, f"{flops / ours / 1e9:.1f}",
                 f"{flops / peer / 1e9:.1f}", f"{peer / ours:.2f}x")
+    bench_invariant_linear(args, device, dtype, g)
+
+
+def bench_invariant_linear(args, device, dtype, g):
+    """The invariant mode's weight product (kernels.invariant_linear_triton) against F.linear
+    (cuBLAS on a GPU), per weight shape and row count: time, TFLOP/s, weight GB/s, and whether
+    each product's first rows are the same bits as those rows multiplied alone (the property
+    the invariant mode needs; cuBLAS picks its kernel from the row count)."""
+    from model import kernels
+    print()
+    row("weight product", "in x out", "rows", "Triton us", "TFLOP/s", "weight GB/s",
+        "F.linear us", "Triton / F.linear", "rows' bits: Triton", "rows' bits: F.linear")
+    row(*["---"] * 10)
+    for name in args.kernel_linear_shapes:
+        n_in, n_out = LINEAR_SHAPES[name]
+        w = (torch.randn(n_out, n_in, generator=g) / n_in ** 0.5).to(device, dtype)
+        x = torch.randn(max(args.kernel_linear), n_in, generator=g).to(device, dtype)
+        alone = {f: torch.cat([f(x[i:i + 1], w) for i in range(8)]) for f in
+                 (kernels.invariant_linear_triton, F.linear)}
+        for m in args.kernel_linear:
+            xm = x[:m]
+            ours = time_ms(lambda: kernels.invariant_linear_triton(xm, w))
+            peer = time_ms(lambda: F.linear(xm, w))
+            same = ["-" if m == 1 else "same" if torch.equal(f(xm, w)[:8], alone[f][:min(m, 8)])
+                    else "differ" for f in alone]
+            row(name, f"{n_in} x {n_out}", m, f"{1e3 * ours:.1f}",
+                f"{2 * m * n_in * n_out / ours / 1e9:.2f}",
+                f"{n_in * n_out * dtype.itemsize / ours / 1e6:.0f}", f"{1e3 * peer:.1f}",
+                f"{peer / ours:.2f}x", *same)
+        del w, x
 
 
 def flash_sdpa(q, k, v, scale):
@@ -1559,6 +1618,10 @@ def main(argv=None):
                     help="decode batch x context (kernels)")
     ap.add_argument("--kernel-prefill", type=int, nargs="+", default=[1024, 4096, 16384],
                     help="prefill tokens (kernels)")
+    ap.add_argument("--kernel-linear", type=int, nargs="+", default=[1, 16, 256, 4096],
+                    help="rows of the invariant weight product (kernels)")
+    ap.add_argument("--kernel-linear-shapes", nargs="+", default=list(LINEAR_SHAPES),
+                    choices=list(LINEAR_SHAPES), help="its weight shapes (kernels)")
     ap.add_argument("--copy-mib", type=int, default=1024, help="copy-bandwidth buffer (kernels)")
     ap.add_argument("--compile-only", action="store_true", help="kernels: compile every kernel "
                     "for GPU targets ahead of time (no GPU needed) and print the table")
@@ -1581,6 +1644,8 @@ def main(argv=None):
                     choices=list(GPU_SHAPES), help="model shapes (gpu)")
     ap.add_argument("--gpu-prefix", type=int, default=4096, help="cached system prompt (gpu)")
     ap.add_argument("--gpu-kv-budget", default="0.5", help="KV budget (gpu)")
+    ap.add_argument("--gpu-invariant-requests", type=int, default=64,
+                    help="gpu: requests of the invariant mode's throughput, on and off")
     ap.add_argument("--hf-compile", action="store_true", help="gpu: also transformers with a "
                     "static cache and torch.compile (compiles for a minute or more)")
     ap.add_argument("--kv-budget", default="256MiB", help="KV budget per rank (tp)")

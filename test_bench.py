@@ -67,13 +67,17 @@ def test_bench_kernels_runs(capsys):
     """The GPU section end to end: compiled on a GPU; on a CPU a dry run in Triton's
     interpreter on tiny sizes (conftest.py sets TRITON_INTERPRET=1)."""
     sizes = [] if torch.cuda.is_available() else [
-        "--kernel-batches", "2x20", "--kernel-prefill", "24", "--copy-mib", "1"]
+        "--kernel-batches", "2x20", "--kernel-prefill", "24", "--copy-mib", "1",
+        "--kernel-linear", "1", "3", "--kernel-linear-shapes", "smollm2-qkv"]
     assert bench.main(["kernels", *sizes]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
     for shape in bench.KERNEL_SHAPES:
         assert any(r.startswith(f"| {shape} | ") and r.endswith("x |") for r in rows), shape
     n_prefill = 1 if sizes else 3  # the default: 1k, 4k and 16k tokens
     assert sum(r.startswith("| causal, batch 1 | ") for r in rows) == 2 * n_prefill
+    linear = [r for r in rows if r.split(" | ")[0][2:] in bench.LINEAR_SHAPES]
+    assert len(linear) == (2 if sizes else 4 * len(bench.LINEAR_SHAPES))
+    assert all(r.split(" | ")[-2] in ("-", "same") for r in linear)  # the invariant product
 
 
 def test_bench_load_times_cold_processes(tiny_dir, capsys):
@@ -140,7 +144,9 @@ def test_dev_gpu_check_runs_its_steps_on_a_cpu(tmp_path):
     assert "| smollm2 | 2x20 | " in (tmp_path / "kernels.txt").read_text()
     serving = (tmp_path / "serving.txt").read_text()
     for measure in ("batch-1 decode tok/s", "batch-1 decode, % of copy bandwidth",
-                    "throughput, output tok/s", "TTFT, cached system prompt / cold"):
+                    "throughput, output tok/s", "TTFT, cached system prompt / cold",
+                    "invariant mode: batch-1 decode tok/s", "invariant mode: throughput, "
+                    "output tok/s"):
         assert f"| tiny | {measure} | " in serving, measure
     assert "torch" in (tmp_path / "env.txt").read_text()
     if not torch.cuda.is_available():
