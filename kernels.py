@@ -1204,7 +1204,7 @@ class MatmulTiles(NamedTuple):
 # One configuration for every shape (what invariance needs), chosen to compile to the matrix
 # instruction with no spill on sm_80..sm_90 (bench.py kernels --compile-only); fp32 products
 # stay fp32 (dot_precision), which takes more registers, so smaller tiles.
-LINEAR_TILES = {torch.float32: MatmulTiles(32, 64, 32, 4, 2)}
+LINEAR_TILES = {torch.float32: MatmulTiles(64, 64, 32, 4, 2)}
 LINEAR_TILES_16BIT = MatmulTiles(64, 64, 64, 4, 3)
 
 
