@@ -1042,10 +1042,10 @@ class LLM:
         if tp > 1 and dist.is_torchelastic_launched():
             follow_under_torchrun(tp, self.model_path, self.device)  # ranks > 0 end there
         self.model, self.tokenizer = model_mod.load(self.model_path, self.dtype, self.device)
-        self.model.set_invariant(bool(invariant))
         cfg = self.cfg = self.model.cfg
         if tp > 1:
             model_mod.shard(self.model, 0, tp)
+        self.model.set_invariant(bool(invariant))  # (which packs the rank's own weights)
         shape = (cfg.n_layer, cfg.n_kv_head // tp, cfg.head_dim)
         self.cache = cache_mod.KVCache(*shape, n_blocks, block_size, kv_dtype, self.device) \
             if n_blocks else cache_mod.KVCache.from_budget(kv_budget, block_size, *shape,

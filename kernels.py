@@ -969,15 +969,32 @@ def fixed_bmm(a, b):
                                                       b.split(INVARIANT_BATCH))])[:n]
 
 
-def invariant_plan(meta: AttnMeta, group: int, device):
-    """The step's row chunks and key tiles, the same for every layer (cached on meta)."""
+class InvariantPlan(NamedTuple):
+    """A step's query rows in chunks, and the (chunk, key tile) pairs they walk."""
+    row_token: torch.Tensor   # (C, R) each row's token, head of the KV group and position
+    row_head: torch.Tensor
+    row_pos: torch.Tensor
+    chunk_seq: torch.Tensor   # (C,) each chunk's sequence
+    pair_chunk: torch.Tensor  # (Pairs,) chunk c walks tiles 0 .. its last row's position // W
+    pair_tile: torch.Tensor   # (Pairs,)
+    pair_slots: torch.Tensor  # (Pairs, W) pool slot of each key of the tile (0 past the context)
+    pair_valid: torch.Tensor  # (Pairs, W) whether the key is in the context
+    chunk_pairs: list         # chunk c's pairs are chunk_pairs[c] .. chunk_pairs[c + 1] - 1
+    n_tiles: int              # the longest walk, rounded up to a power of two (the merge tree)
+
+
+def invariant_plan(meta: AttnMeta, group: int, device) -> InvariantPlan:
+    """The step's row chunks and key tiles, the same for every layer (cached on meta). A chunk
+    walks only the tiles up to its last row's position: the tiles a longer walk would add
+    are all masked, exact zeros in the merge, so the bits are those of any longer walk (a
+    sequence alone or among longer ones) at a fraction of the work."""
     key = ("invariant_plan", group)
     if key in meta.__dict__:
         return meta.__dict__[key]
     W, R, P = INVARIANT_TILE, INVARIANT_ROWS, meta.block_size
     qs, ctx = meta.query_start_host, meta.context_lens_host
     tables = meta.block_tables.tolist()
-    row_token, row_head, row_pos, chunk_seq = [], [], [], []
+    row_token, row_head, row_pos, chunk_seq, walk = [], [], [], [], []
     for b in range(len(ctx)):
         n_q = qs[b + 1] - qs[b]
         rows = [(qs[b] + r // group, r % group, ctx[b] - n_q + r // group)
@@ -987,18 +1004,27 @@ def invariant_plan(meta: AttnMeta, group: int, device):
             tok, head, pos = zip(*rows[c:c + R])
             row_token.append(tok), row_head.append(head), row_pos.append(pos)
             chunk_seq.append(b)
-    n_tiles = max(-(-c // W) for c in ctx)
-    n_tiles = 1 << (n_tiles - 1).bit_length()  # a power of two: the merge is a binary tree
+            walk.append(max(pos) // W + 1)
+    n_tiles = 1 << (max(walk) - 1).bit_length()  # a power of two: the merge is a binary tree
     key_pos = torch.arange(n_tiles * W)
     slots = torch.zeros(len(ctx), n_tiles * W, dtype=torch.int64)
     for b, table in enumerate(tables):
-        n = ctx[b]
+        n = min(ctx[b], n_tiles * W)
         blocks = torch.tensor(table, dtype=torch.int64)[key_pos[:n] // P]
         slots[b, :n] = blocks * P + key_pos[:n] % P
     valid = key_pos[None, :] < torch.tensor(ctx)[:, None]                  # (B, nT W)
+    pair_chunk = [c for c, n in enumerate(walk) for _ in range(n)]
+    pair_tile = [t for n in walk for t in range(n)]
+    pair_seq = torch.tensor([chunk_seq[c] for c in pair_chunk])
+    tiles = torch.tensor(pair_tile)
+    chunk_pairs = [0]
+    for n in walk:
+        chunk_pairs.append(chunk_pairs[-1] + n)
     t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-    plan = (t(row_token), t(row_head), t(row_pos), t(chunk_seq), slots.to(device),
-            valid.to(device), n_tiles)
+    plan = InvariantPlan(
+        t(row_token), t(row_head), t(row_pos), t(chunk_seq), t(pair_chunk), t(pair_tile),
+        slots.view(len(ctx), n_tiles, W)[pair_seq, tiles].to(device),
+        valid.view(len(ctx), n_tiles, W)[pair_seq, tiles].to(device), chunk_pairs, n_tiles)
     meta.__dict__[key] = plan
     return plan
 
@@ -1011,56 +1037,59 @@ def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
     n_tok, n_head, d = q.shape
     n_kv, n_blocks, block_size, _ = k_cache.shape
     group, W, R = n_head // n_kv, INVARIANT_TILE, INVARIANT_ROWS
-    row_token, row_head, row_pos, chunk_seq, slots, valid, n_tiles = \
-        invariant_plan(meta, group, q.device)
-    n_seq = slots.shape[0]
+    plan = invariant_plan(meta, group, q.device)
+    n_tiles, bounds = plan.n_tiles, plan.chunk_pairs
     acc = torch.promote_types(q.dtype, torch.float32)                    # fp32, or fp64
-    kv = []  # each sequence's keys and values in tiles: (K, B, nT, W, D), values zero past ctx
-    for cache, sc in zip((k_cache, v_cache), kv_scales or (None, None)):
-        x = cache.view(n_kv, n_blocks * block_size, d).index_select(1, slots.view(-1))
-        if sc is not None:
-            x = dequantize_ref(x, sc.view(n_kv, n_blocks * block_size).index_select(
-                1, slots.view(-1)), q.dtype)
-        kv.append(x.to(q.dtype).view(n_kv, n_seq, n_tiles, W, d))
-    # slots past a context may hold anything (NaN in a poisoned pool): their scores are masked,
-    # and their values zeroed so that a zero weight times them stays zero
-    kv[1] = torch.where(valid.view(1, n_seq, n_tiles, W, 1), kv[1], 0.0)
-    rows = q.view(n_tok, n_kv, group, d)[row_token, :, row_head]         # (C, R, K, D)
+    rows = q.view(n_tok, n_kv, group, d)[plan.row_token, :, plan.row_head]  # (C, R, K, D)
     out = torch.empty(rows.shape, dtype=acc, device=q.device)
-    key_pos = torch.arange(n_tiles * W, device=q.device).view(n_tiles, 1, W)
-    per_chunk = n_kv * n_tiles * W * d * q.element_size() * 2
-    step = max(1, INVARIANT_BYTES // per_chunk)
-    one_chunk_each = rows.shape[0] == n_seq  # decode: chunk b is sequence b, nothing to copy
-    for c0 in range(0, rows.shape[0], step):
-        c1 = min(c0 + step, rows.shape[0])
-        if one_chunk_each:
-            k, v = (x[:, c0:c1] for x in kv)                               # (K, Cg, nT, W, D)
-        else:
-            k, v = (x.index_select(1, chunk_seq[c0:c1]) for x in kv)
-        qc = rows[c0:c1].permute(2, 0, 1, 3)                               # (K, Cg, R, D)
-        qc = qc.unsqueeze(2).expand(-1, -1, n_tiles, -1, -1).reshape(-1, R, d)
+    n_chunks = rows.shape[0]
+    step = max(1, INVARIANT_BYTES // (n_kv * n_tiles * W * d * 4 * 2))   # chunks at a time
+    for c0 in range(0, n_chunks, step):
+        c1 = min(c0 + step, n_chunks)
+        p0, p1 = bounds[c0], bounds[c1]
+        n_pairs = p1 - p0
+        slots = plan.pair_slots[p0:p1].reshape(-1)
+        kv = []  # each pair's tile of keys and values: (K, Pairs, W, D)
+        for cache, sc in zip((k_cache, v_cache), kv_scales or (None, None)):
+            x = cache.view(n_kv, n_blocks * block_size, d).index_select(1, slots)
+            if sc is not None:
+                x = dequantize_ref(x, sc.view(n_kv, n_blocks * block_size).index_select(
+                    1, slots), q.dtype)
+            kv.append(x.to(q.dtype).view(n_kv, n_pairs, W, d))
+        # slots past a context may hold anything (NaN in a poisoned pool): their scores are
+        # masked, and their values zeroed so that a zero weight times them stays zero
+        k, v = kv[0], torch.where(plan.pair_valid[p0:p1].view(1, n_pairs, W, 1), kv[1], 0.0)
+        chunk = plan.pair_chunk[p0:p1]
+        qc = rows[chunk].permute(2, 0, 1, 3).reshape(-1, R, d)          # (K Pairs, R, D)
         # products in the model's dtype, accumulated in fp32 (as matmuls do); the softmax
         # in fp32
         s = fixed_bmm(qc, k.reshape(-1, W, d).transpose(1, 2)).to(acc) * scale
-        s = s.view(n_kv, c1 - c0, n_tiles, R, W)
-        pos = row_pos[c0:c1, None, :, None]
-        hidden = key_pos[None] > pos                                       # (Cg, nT, R, W)
+        s = s.view(n_kv, n_pairs, R, W)
+        key_pos = plan.pair_tile[p0:p1, None, None] * W + torch.arange(W, device=q.device)
+        pos = plan.row_pos[chunk][:, :, None]                              # (Pairs, R, 1)
+        hidden = key_pos > pos                                             # (Pairs, R, W)
         if window:  # and keys that left a sliding window
-            hidden |= key_pos[None] <= pos - window
+            hidden |= key_pos <= pos - window
         s = s.masked_fill(hidden[None], float("-inf"))
-        m = s.amax(-1)                                                     # (K, Cg, nT, R)
+        m = s.amax(-1)                                                     # (K, Pairs, R)
         p = torch.exp(s - torch.where(m == float("-inf"), 0.0, m)[..., None])
         l_t = p.sum(-1)
         a_t = fixed_bmm(p.view(-1, R, W).to(q.dtype), v.reshape(-1, W, d)).to(acc)
-        a_t = a_t.view(n_kv, c1 - c0, n_tiles, R, d)
-        w = torch.exp(m - m.amax(2, keepdim=True))                         # 0 for masked tiles
-        l_t, a_t = l_t * w, a_t * w[..., None]
-        while l_t.shape[2] > 1:  # the binary tree over absolute tile index
-            l_t = l_t[:, :, 0::2] + l_t[:, :, 1::2]
-            a_t = a_t[:, :, 0::2] + a_t[:, :, 1::2]
-        out[c0:c1] = (a_t[:, :, 0] / l_t[:, :, 0, :, None]).permute(1, 2, 0, 3)
+        # each chunk's tiles in place among n_tiles (the tiles it does not walk: max -inf,
+        # sum and values exact zeros, as a masked tile gives), merged by the tree
+        at = (slice(None), chunk - c0, plan.pair_tile[p0:p1])
+        m_all = m.new_full((n_kv, c1 - c0, n_tiles, R), float("-inf"))
+        l_all = l_t.new_zeros(m_all.shape)
+        a_all = l_t.new_zeros((*m_all.shape, d))
+        m_all[at], l_all[at], a_all[at] = m, l_t, a_t.view(n_kv, n_pairs, R, d)
+        w = torch.exp(m_all - m_all.amax(2, keepdim=True))                 # 0 for masked tiles
+        l_all, a_all = l_all * w, a_all * w[..., None]
+        while l_all.shape[2] > 1:  # the binary tree over absolute tile index
+            l_all = l_all[:, :, 0::2] + l_all[:, :, 1::2]
+            a_all = a_all[:, :, 0::2] + a_all[:, :, 1::2]
+        out[c0:c1] = (a_all[:, :, 0] / l_all[:, :, 0, :, None]).permute(1, 2, 0, 3)
     result = torch.empty_like(q).view(n_tok, n_kv, group, d)
-    result[row_token, :, row_head] = out.to(q.dtype)
+    result[plan.row_token, :, plan.row_head] = out.to(q.dtype)
     return result.view(n_tok, n_head, d)
 
 
@@ -1113,7 +1142,8 @@ def invariant_attention_triton(q, k_cache, v_cache, meta: AttnMeta, scale, kv_sc
     n_tok, n_head, d = q.shape
     n_kv, _, block_size, _ = k_cache.shape
     assert q.stride(-1) == 1 and n_head % n_kv == 0 and k_cache.shape[-1] == d
-    row_token, row_head, row_pos, chunk_seq, *_ = invariant_plan(meta, n_head // n_kv, q.device)
+    row_token, row_head, row_pos, chunk_seq, *_ = invariant_plan(meta, n_head // n_kv,
+                                                                 q.device)
     out = torch.empty_like(q) if out is None else out
     # the decode kernel's tiles (16 rows as here), 32 keys at D 128 (64 spilled 16-40 B on
     # sm_86 and sm_89): fixed for a model, dtype and cache, which is all the invariance needs
@@ -1151,13 +1181,15 @@ def invariant_attention(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=No
 LINEAR_ROWS = 16
 
 
-def invariant_linear_ref(x, weight, bias=None):
+def invariant_linear_ref(x, weight, bias=None, product=None):
     """F.linear(x, weight, bias), x (M, in), computed LINEAR_ROWS rows at a time. 16 rows
-    cost a decode step (one row) nothing measurable and a prefill more, smaller products."""
+    cost a decode step (one row) nothing measurable and a prefill more, smaller products.
+    product(chunk) computes one chunk instead of F.linear (the model's packed weights)."""
     n = x.shape[0]
     if n % LINEAR_ROWS:
         x = torch.cat([x, x.new_zeros(LINEAR_ROWS - n % LINEAR_ROWS, x.shape[1])])
-    return torch.cat([F.linear(c, weight, bias) for c in x.split(LINEAR_ROWS)])[:n]
+    product = product or (lambda c: F.linear(c, weight, bias))
+    return torch.cat([product(c) for c in x.split(LINEAR_ROWS)])[:n]
 
 
 @jit

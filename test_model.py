@@ -102,28 +102,40 @@ WEIGHT_SHAPES = sorted({
     (2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)})
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_invariant_linear_rows_do_not_depend_on_their_company(dtype):
-    """Each row of kernels.invariant_linear_ref (the CPU product) is the same bits computed
-    alone, among 16 or among 40 others, at any place among them, for every weight shape
-    listed (test_kernels.py checks the Triton product the same way). The negative control: the
-    same check catches a product whose rows depend on their company (x W^T computed as
-    (x - mean) W^T + mean W^T: equal in exact arithmetic, not in floating point)."""
+@pytest.mark.parametrize("dtype, packed", [(torch.bfloat16, False), (torch.float32, False),
+                                           (torch.bfloat16, True)])
+def test_invariant_linear_rows_do_not_depend_on_their_company(dtype, packed):
+    """Each row of the invariant mode's CPU product (model.invariant_product: 16-row products
+    through F.linear, or through oneDNN's packed weight where this CPU has its bf16 path) is
+    the same bits computed alone, among 16 or among 40 others, at any place among them, for
+    every weight shape listed (test_kernels.py checks the Triton product the same way). The
+    negative control: the same check catches a product whose rows depend on their company
+    (x W^T computed as (x - mean) W^T + mean W^T: equal in exact arithmetic, not in floating
+    point)."""
+    if packed and not M.can_pack(torch.zeros(1, dtype=dtype)):
+        pytest.skip("oneDNN has no bf16 path on this CPU: nothing is packed here")
     g = torch.Generator().manual_seed(0)
 
-    def company_free(linear, x, w):
-        whole = linear(x, w)
-        return all(torch.equal(linear(x[rows], w), whole[rows])
+    def company_free(linear, x):
+        whole = linear(x)
+        return all(torch.equal(linear(x[rows]), whole[rows])
                    for rows in ([7], [0, 1], list(range(3, 20)), [39, 2, 11]))
-
-    def centred(x, w):
-        mean = x.float().mean(0, keepdim=True).to(x.dtype)
-        return kernels.invariant_linear_ref(x - mean, w) + kernels.invariant_linear_ref(mean, w)
     for n_in, n_out in WEIGHT_SHAPES:
-        w = torch.randn(n_out, n_in, generator=g).to(dtype)
+        lin = torch.nn.Linear(n_in, n_out, bias=False).to(dtype)
+        lin.weight.data = torch.randn(n_out, n_in, generator=g).to(dtype)
+        if packed:
+            assert M.pack_weights(lin, rows=kernels.LINEAR_ROWS) == 1
+        product = lambda x: M.invariant_product(x, lin)  # noqa: E731
+
+        def centred(x):
+            mean = x.float().mean(0, keepdim=True).to(x.dtype)
+            return product(x - mean) + product(mean)
         x = torch.randn(40, n_in, generator=g).to(dtype)
-        assert company_free(kernels.invariant_linear_ref, x, w), (n_in, n_out)
-        assert not company_free(centred, x, w), (n_in, n_out)
+        assert company_free(product, x), (n_in, n_out)
+        assert not company_free(centred, x), (n_in, n_out)
+        if packed:  # and it is the product of the weight (to bf16 rounding)
+            torch.testing.assert_close(product(x), F.linear(x, lin.weight), rtol=2e-2,
+                                       atol=2e-2 * n_in ** 0.5)
 
 
 # ------------------------------------------------------------------------------------------
