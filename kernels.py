@@ -965,6 +965,8 @@ def fixed_bmm(a, b):
     if pad:
         a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])])
         b = torch.cat([b, b.new_zeros(pad, *b.shape[1:])])
+    if n + pad == INVARIANT_BATCH:  # one call (a decode step's products, usually)
+        return torch.bmm(a, b)[:n]
     return torch.cat([torch.bmm(x, y) for x, y in zip(a.split(INVARIANT_BATCH),
                                                       b.split(INVARIANT_BATCH))])[:n]
 
@@ -1189,6 +1191,8 @@ def invariant_linear_ref(x, weight, bias=None, product=None):
     if n % LINEAR_ROWS:
         x = torch.cat([x, x.new_zeros(LINEAR_ROWS - n % LINEAR_ROWS, x.shape[1])])
     product = product or (lambda c: F.linear(c, weight, bias))
+    if x.shape[0] == LINEAR_ROWS:  # one product (a decode step's, usually)
+        return product(x)[:n]
     return torch.cat([product(c) for c in x.split(LINEAR_ROWS)])[:n]
 
 
