@@ -1,5 +1,5 @@
 """
-Attention and cache kernels over the paged KV cache.
+Attention and cache kernels over the paged KV cache, and the invariant mode's weight product.
 
 Every operation has three parts side by side:
   - `<op>_ref(...)`: plain torch, the specification; it is the CPU engine and the test oracle;
