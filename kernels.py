@@ -103,6 +103,7 @@ class AttnMeta:
     # one chosen from host-side lengths); 0: chosen per step
     padded: bool = False
     n_splits: int = 0
+    block_tables_host: tuple = ()  # a host copy of block_tables where the runner had one
 
     @classmethod
     def paged(cls, slots, block_tables, context_lens, query_start, pool_shape, device=None,
@@ -119,7 +120,8 @@ class AttnMeta:
             [*inputs, slots, context_lens, query_start, [b for t in block_tables for b in t]],
             device)
         meta = cls(slot_t, table_t.view(len(block_tables), -1), ctx_t, start_t,
-                   tuple(context_lens), tuple(query_start), n_kv, n_blocks, block_size)
+                   tuple(context_lens), tuple(query_start), n_kv, n_blocks, block_size,
+                   block_tables_host=tuple(map(tuple, block_tables)))
         return (meta, ins) if inputs else meta
 
     @classmethod
@@ -972,42 +974,62 @@ def fixed_bmm(a, b):
 
 
 class InvariantPlan(NamedTuple):
-    """A step's query rows in chunks, and the (chunk, key tile) pairs they walk."""
+    """A step's query rows in chunks of R, and how far each chunk walks the key tiles."""
     row_token: torch.Tensor   # (C, R) each row's token, head of the KV group and position
     row_head: torch.Tensor
     row_pos: torch.Tensor
     chunk_seq: torch.Tensor   # (C,) each chunk's sequence
-    pair_chunk: torch.Tensor  # (Pairs,) chunk c walks tiles 0 .. its last row's position // W
-    pair_tile: torch.Tensor   # (Pairs,)
-    pair_slots: torch.Tensor  # (Pairs, W) pool slot of each key of the tile (0 past the context)
-    pair_valid: torch.Tensor  # (Pairs, W) whether the key is in the context
-    chunk_pairs: list         # chunk c's pairs are chunk_pairs[c] .. chunk_pairs[c + 1] - 1
+    walk: list                # chunk c walks tiles 0 .. walk[c] - 1 (its last row's position's)
+    seqs: list                # chunk_seq on the host
+
+
+class InvariantPairs(NamedTuple):
+    """The (chunk, key tile) pairs the reference computes, in chunk order."""
+    chunk: torch.Tensor       # (Pairs,)
+    tile: torch.Tensor        # (Pairs,)
+    slots: torch.Tensor       # (Pairs, W) pool slot of each key of the tile (0 past the context)
+    valid: torch.Tensor       # (Pairs, W) whether the key is in the context
+    bounds: list              # chunk c's pairs are bounds[c] .. bounds[c + 1] - 1
     n_tiles: int              # the longest walk, rounded up to a power of two (the merge tree)
 
 
 def invariant_plan(meta: AttnMeta, group: int, device) -> InvariantPlan:
-    """The step's row chunks and key tiles, the same for every layer (cached on meta). A chunk
-    walks only the tiles up to its last row's position: the tiles a longer walk would add
-    are all masked, exact zeros in the merge, so the bits are those of any longer walk (a
-    sequence alone or among longer ones) at a fraction of the work."""
+    """The step's row chunks, the same for every layer (cached on meta), from host numbers and
+    sent in one non-blocking copy: no wait for a GPU."""
     key = ("invariant_plan", group)
     if key in meta.__dict__:
         return meta.__dict__[key]
-    W, R, P = INVARIANT_TILE, INVARIANT_ROWS, meta.block_size
+    W, R = INVARIANT_TILE, INVARIANT_ROWS
     qs, ctx = meta.query_start_host, meta.context_lens_host
-    tables = meta.block_tables.tolist()
-    row_token, row_head, row_pos, chunk_seq, walk = [], [], [], [], []
+    rows, seqs, walk = [], [], []
     for b in range(len(ctx)):
         n_q = qs[b + 1] - qs[b]
-        rows = [(qs[b] + r // group, r % group, ctx[b] - n_q + r // group)
-                for r in range(n_q * group)]
-        rows += [rows[-1]] * (-len(rows) % R)  # pad the last chunk with its last row
-        for c in range(0, len(rows), R):
-            tok, head, pos = zip(*rows[c:c + R])
-            row_token.append(tok), row_head.append(head), row_pos.append(pos)
-            chunk_seq.append(b)
-            walk.append(max(pos) // W + 1)
-    n_tiles = 1 << (max(walk) - 1).bit_length()  # a power of two: the merge is a binary tree
+        seq = [(qs[b] + r // group, r % group, ctx[b] - n_q + r // group)
+               for r in range(n_q * group)]
+        seq += [seq[-1]] * (-len(seq) % R)  # pad the last chunk with its last row
+        rows += seq
+        seqs += [b] * (len(seq) // R)
+        walk += [seq[c + R - 1][2] // W + 1 for c in range(0, len(seq), R)]
+    token, head, pos, chunk_seq = upload([[r[i] for r in rows] for i in range(3)] + [seqs],
+                                         device)
+    plan = InvariantPlan(token.view(-1, R), head.view(-1, R), pos.view(-1, R), chunk_seq, walk,
+                         seqs)
+    meta.__dict__[key] = plan
+    return plan
+
+
+def invariant_pairs(meta: AttnMeta, group: int, device) -> InvariantPairs:
+    """The reference's (chunk, tile) pairs (cached on meta): a chunk walks only the tiles up to
+    its last row's position; the tiles a longer walk would add are all masked, exact zeros in
+    the merge, so the bits are those of any longer walk (a sequence alone or among longer
+    ones) at a fraction of the work."""
+    key = ("invariant_pairs", group)
+    if key in meta.__dict__:
+        return meta.__dict__[key]
+    plan = invariant_plan(meta, group, device)
+    W, P, ctx = INVARIANT_TILE, meta.block_size, meta.context_lens_host
+    tables = meta.block_tables_host or meta.block_tables.tolist()
+    n_tiles = 1 << (max(plan.walk) - 1).bit_length()  # a power of two: the merge is a tree
     key_pos = torch.arange(n_tiles * W)
     slots = torch.zeros(len(ctx), n_tiles * W, dtype=torch.int64)
     for b, table in enumerate(tables):
@@ -1015,20 +1037,18 @@ def invariant_plan(meta: AttnMeta, group: int, device) -> InvariantPlan:
         blocks = torch.tensor(table, dtype=torch.int64)[key_pos[:n] // P]
         slots[b, :n] = blocks * P + key_pos[:n] % P
     valid = key_pos[None, :] < torch.tensor(ctx)[:, None]                  # (B, nT W)
-    pair_chunk = [c for c, n in enumerate(walk) for _ in range(n)]
-    pair_tile = [t for n in walk for t in range(n)]
-    pair_seq = torch.tensor([chunk_seq[c] for c in pair_chunk])
-    tiles = torch.tensor(pair_tile)
-    chunk_pairs = [0]
-    for n in walk:
-        chunk_pairs.append(chunk_pairs[-1] + n)
+    chunk = [c for c, n in enumerate(plan.walk) for _ in range(n)]
+    tile = [t for n in plan.walk for t in range(n)]
+    seq, tiles = torch.tensor([plan.seqs[c] for c in chunk]), torch.tensor(tile)
+    bounds = [0]
+    for n in plan.walk:
+        bounds.append(bounds[-1] + n)
     t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-    plan = InvariantPlan(
-        t(row_token), t(row_head), t(row_pos), t(chunk_seq), t(pair_chunk), t(pair_tile),
-        slots.view(len(ctx), n_tiles, W)[pair_seq, tiles].to(device),
-        valid.view(len(ctx), n_tiles, W)[pair_seq, tiles].to(device), chunk_pairs, n_tiles)
-    meta.__dict__[key] = plan
-    return plan
+    pairs = InvariantPairs(t(chunk), t(tile), slots.view(len(ctx), n_tiles, W)[seq, tiles]
+                           .to(device), valid.view(len(ctx), n_tiles, W)[seq, tiles].to(device),
+                           bounds, n_tiles)
+    meta.__dict__[key] = pairs
+    return pairs
 
 
 def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scales=None,
@@ -1040,7 +1060,8 @@ def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
     n_kv, n_blocks, block_size, _ = k_cache.shape
     group, W, R = n_head // n_kv, INVARIANT_TILE, INVARIANT_ROWS
     plan = invariant_plan(meta, group, q.device)
-    n_tiles, bounds = plan.n_tiles, plan.chunk_pairs
+    pairs = invariant_pairs(meta, group, q.device)
+    n_tiles, bounds = pairs.n_tiles, pairs.bounds
     acc = torch.promote_types(q.dtype, torch.float32)                    # fp32, or fp64
     rows = q.view(n_tok, n_kv, group, d)[plan.row_token, :, plan.row_head]  # (C, R, K, D)
     out = torch.empty(rows.shape, dtype=acc, device=q.device)
@@ -1050,7 +1071,7 @@ def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
         c1 = min(c0 + step, n_chunks)
         p0, p1 = bounds[c0], bounds[c1]
         n_pairs = p1 - p0
-        slots = plan.pair_slots[p0:p1].reshape(-1)
+        slots = pairs.slots[p0:p1].reshape(-1)
         kv = []  # each pair's tile of keys and values: (K, Pairs, W, D)
         for cache, sc in zip((k_cache, v_cache), kv_scales or (None, None)):
             x = cache.view(n_kv, n_blocks * block_size, d).index_select(1, slots)
@@ -1060,14 +1081,14 @@ def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
             kv.append(x.to(q.dtype).view(n_kv, n_pairs, W, d))
         # slots past a context may hold anything (NaN in a poisoned pool): their scores are
         # masked, and their values zeroed so that a zero weight times them stays zero
-        k, v = kv[0], torch.where(plan.pair_valid[p0:p1].view(1, n_pairs, W, 1), kv[1], 0.0)
-        chunk = plan.pair_chunk[p0:p1]
+        k, v = kv[0], torch.where(pairs.valid[p0:p1].view(1, n_pairs, W, 1), kv[1], 0.0)
+        chunk = pairs.chunk[p0:p1]
         qc = rows[chunk].permute(2, 0, 1, 3).reshape(-1, R, d)          # (K Pairs, R, D)
         # products in the model's dtype, accumulated in fp32 (as matmuls do); the softmax
         # in fp32
         s = fixed_bmm(qc, k.reshape(-1, W, d).transpose(1, 2)).to(acc) * scale
         s = s.view(n_kv, n_pairs, R, W)
-        key_pos = plan.pair_tile[p0:p1, None, None] * W + torch.arange(W, device=q.device)
+        key_pos = pairs.tile[p0:p1, None, None] * W + torch.arange(W, device=q.device)
         pos = plan.row_pos[chunk][:, :, None]                              # (Pairs, R, 1)
         hidden = key_pos > pos                                             # (Pairs, R, W)
         if window:  # and keys that left a sliding window
@@ -1079,7 +1100,7 @@ def invariant_attention_ref(q, k_cache, v_cache, meta: AttnMeta, scale, kv_scale
         a_t = fixed_bmm(p.view(-1, R, W).to(q.dtype), v.reshape(-1, W, d)).to(acc)
         # each chunk's tiles in place among n_tiles (the tiles it does not walk: max -inf,
         # sum and values exact zeros, as a masked tile gives), merged by the tree
-        at = (slice(None), chunk - c0, plan.pair_tile[p0:p1])
+        at = (slice(None), chunk - c0, pairs.tile[p0:p1])
         m_all = m.new_full((n_kv, c1 - c0, n_tiles, R), float("-inf"))
         l_all = l_t.new_zeros(m_all.shape)
         a_all = l_t.new_zeros((*m_all.shape, d))

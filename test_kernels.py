@@ -692,18 +692,22 @@ def test_the_sync_guard_sees_each_kind_of_wait():
 
 
 @needs_triton
-@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
-def test_a_gpu_step_never_waits_for_the_device(engine, tiny_dir, monkeypatch, kv_dtype):
+@pytest.mark.parametrize("kv_dtype, invariant", [("auto", False), ("int8", False),
+                                                 ("auto", True)])
+def test_a_gpu_step_never_waits_for_the_device(engine, tiny_dir, monkeypatch, kv_dtype,
+                                               invariant):
     """A prefill step and a decode step of the CUDA path (Triton launchers, RoPE's GPU form),
     their host code run for real on the meta device (tensors with a shape and no data: a value
     read there fails, as it would wait on a GPU) with the kernels captured: each step is one
-    non_blocking upload, no read of a device value, and launches the GPU kernels."""
+    non_blocking upload (two in invariant mode: its row plan), no read of a device value, and
+    launches the GPU kernels (in invariant mode its attention and weight product)."""
     import bench
     from cache import KVCache, QUANTIZED_DTYPES
     from generate import Scheduler, SamplingParams, run_batch
     import model as model_mod
     monkeypatch.setenv("KVCACHE_KERNELS", "triton")
     model, _ = model_mod.load(tiny_dir("llama"), torch.bfloat16, "meta")
+    model.set_invariant(invariant)
     cfg = model.cfg
     pool = KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, n_blocks=32, block_size=16,
                    dtype=QUANTIZED_DTYPES.get(kv_dtype, torch.bfloat16), device="meta")
@@ -715,13 +719,17 @@ def test_a_gpu_step_never_waits_for_the_device(engine, tiny_dir, monkeypatch, kv
     for step in ("prefill", "decode"):
         with bench.kernels_captured() as launches, HostSyncGuard() as guard:
             run_batch(model, pool, sched.schedule())
-        assert guard.uploads == 1, f"{step}: {guard.uploads} uploads"
+        assert guard.uploads == 1 + invariant, f"{step}: {guard.uploads} uploads"
         kernel_names.append({k.__name__ for k, _, _ in launches})
         for s in seqs:
             s.tokens.append(7)  # a sampled token (sampling reads the logits: its one sync)
-    assert kernel_names == [{"_store_kv_kernel", "_prefill_attention_kernel"},
-                            {"_store_kv_kernel", "_decode_attention_kernel",
-                             "_merge_splits_kernel"}]
+    if invariant:
+        assert kernel_names == [{"_store_kv_kernel", "_invariant_attention_kernel",
+                                 "_invariant_linear_kernel"}] * 2
+    else:
+        assert kernel_names == [{"_store_kv_kernel", "_prefill_attention_kernel"},
+                                {"_store_kv_kernel", "_decode_attention_kernel",
+                                 "_merge_splits_kernel"}]
     for s in seqs:
         pool.free(s.id)
 
