@@ -820,25 +820,17 @@ def bench_invariant(args):
              torch.randint(args.out_min, args.out_max + 1, (1,), generator=g).item())
             for _ in range(n)]
     many = [torch.randint(0, vocab, (i,), generator=g).tolist() for i, _ in lens]
-    many_p = [SamplingParams(max_new_tokens=o, ignore_eos=True) for _, o in lens]
-    times = {(mode, what): [] for mode in ("off", "on") for what in ("decode", "prefill", "many")}
+    once = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    rates = {"decode": lambda: decode_rate(llm, short, args.new),  # after the first token
+             "prefill": lambda: args.prefill / llm.generate([long], once)[0].ttft_s,
+             "many": lambda: serve_rate(llm, many, [o for _, o in lens])}
+    times = {(mode, what): [] for mode in ("off", "on") for what in rates}
     for _ in range(args.repeat):
         for mode in ("off", "on"):
             llm.model.set_invariant(mode == "on")
-            for what, prompts, params in (
-                    ("decode", [short], SamplingParams(max_new_tokens=args.new, ignore_eos=True)),
-                    ("prefill", [long], SamplingParams(max_new_tokens=1, ignore_eos=True)),
-                    ("many", many, many_p)):
+            for what, rate in rates.items():
                 llm.cache.forget_cached()
-                t = time.perf_counter()
-                outs = llm.generate(prompts, params)
-                if what == "decode":  # the rate after the first token, as bench engine
-                    times[mode, what].append((args.new - 1) / outs[0].decode_s)
-                elif what == "prefill":
-                    times[mode, what].append(args.prefill / outs[0].ttft_s)
-                else:
-                    times[mode, what].append(sum(len(o.token_ids) for o in outs) /
-                                             (time.perf_counter() - t))
+                times[mode, what].append(rate())
     print(f"\n## invariant mode: cost, bf16, medians of {args.repeat} interleaved rounds "
           f"({machine()})\n")
     row("workload", "off tok/s", "on tok/s", "on / off")

@@ -1261,8 +1261,9 @@ class MatmulTiles(NamedTuple):
 # One configuration for every shape (what invariance needs), chosen to compile to the matrix
 # instruction with no spill on sm_80..sm_90 (bench.py kernels --compile-only); fp32 products
 # stay fp32 (dot_precision), which takes more registers, so smaller tiles.
-LINEAR_TILES = {torch.float32: MatmulTiles(64, 64, 32, 4, 2)}
-LINEAR_TILES_16BIT = MatmulTiles(64, 64, 64, 4, 3)
+LINEAR_TILES = {torch.float32: MatmulTiles(64, 64, 32, 4, 2),
+                torch.float16: MatmulTiles(64, 64, 64, 4, 3),
+                torch.bfloat16: MatmulTiles(64, 64, 64, 4, 3)}
 
 
 def invariant_linear_triton(x, weight, bias=None, out=None, programs=None):
@@ -1276,7 +1277,7 @@ def invariant_linear_triton(x, weight, bias=None, out=None, programs=None):
     out = x.new_empty(n_rows, n_out) if out is None else out
     if n_rows == 0:
         return out
-    t = LINEAR_TILES.get(x.dtype, LINEAR_TILES_16BIT)
+    t = LINEAR_TILES[x.dtype]
     n_tiles = triton.cdiv(n_rows, t.block_m) * triton.cdiv(n_out, t.block_n)
     grid = min(n_tiles, programs or 2 * n_multiprocessors(x.device))
     _invariant_linear_kernel[check_grid(grid)](

@@ -300,12 +300,13 @@ def invariant_product(x, lin, bias=True):
     reordered bf16 product, 1.6-1.9x faster than F.linear at 16 rows on an AMX CPU: one
     shape, so rows still independent of their company; test_model.py checks both)."""
     b = lin.bias if bias else None
-    packed = getattr(lin, "packed", None)
-    if packed is None or x.device.type != "cpu":
+    if getattr(lin, "packed", None) is None or x.device.type != "cpu":
         return kernels.invariant_linear(x, lin.weight, b)
-    n_out = lin.weight.shape[0]
-    return kernels.invariant_linear_ref(x, lin.weight, b, product=lambda c: (
-        _packed_linear(c, packed, n_out) if b is None else _packed_linear(c, packed, n_out) + b))
+
+    def product(chunk):
+        y = _packed_linear(chunk, lin.packed, lin.weight.shape[0])
+        return y if b is None else y + b
+    return kernels.invariant_linear_ref(x, lin.weight, b, product)
 
 
 def norm(cfg, p, x):
